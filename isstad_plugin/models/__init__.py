@@ -1,0 +1,5 @@
+"""Models shipped by isstad-plugin."""
+
+from .isstad import Isstad
+
+__all__ = ["Isstad"]

@@ -1,0 +1,387 @@
+"""ISSTAD as an anomalib model: two training stages in one run, fused pixel scoring at test time.
+
+Stage 1 (MAE on normal images) and stage 2 (frozen encoder; decoder and per-block pixel-status heads trained
+on synthetically corrupted images) run back to back in one ``fit``; see :mod:`.stages`.
+
+Example:
+    >>> from anomalib.data import MVTecAD
+    >>> from anomalib.engine import Engine
+    >>> from isstad_plugin import Isstad
+    >>> model = Isstad(backbone="vit_tiny", image_size=128, stage1_epochs=4, stage2_epochs=4)
+    >>> Engine().train(model=model, datamodule=MVTecAD(root="datasets/MVTecAD", category="bottle"))
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+from anomalib import LearningType
+from anomalib.data import Batch
+from anomalib.metrics import AUPRO, AUROC, Evaluator, F1Score
+from anomalib.models.components import AnomalibModule
+from anomalib.post_processing import PostProcessor
+from anomalib.pre_processing import PreProcessor
+from anomalib.visualization import Visualizer
+from kornia.augmentation import RandomHorizontalFlip, RandomResizedCrop
+from lightning.pytorch import Callback
+from lightning.pytorch.utilities.types import STEP_OUTPUT
+from timm.optim import param_groups_weight_decay
+from torch import nn
+from torchvision.transforms.v2 import Compose, Normalize, Resize
+
+from .corruption import MVTEC_AD_PRESETS, SyntheticCorruption, preset_for_category
+from .loss import Stage2Loss, masked_patch_mse
+from .stages import StagePlan, TwoStageSchedule, warmup_cosine_factor
+from .torch_model import IMAGENET_MEAN, IMAGENET_STD, IsstadModel
+
+logger = logging.getLogger(__name__)
+
+ReconstructionTarget = Literal["input", "clean"]
+
+
+class Isstad(AnomalibModule):
+    """ISSTAD: incremental self-supervised learning based on transformer for anomaly detection.
+
+    Defaults are the paper's setting (ViT-L/16 at 224 px, 305 + 200 epochs).
+
+    Args:
+        backbone: Encoder size: ``vit_tiny``, ``vit_small``, ``vit_base`` or ``vit_large``.
+        patch_size: ViT patch size.
+        image_size: Square input side in pixels; must be a multiple of ``patch_size``.
+        decoder_embed_dim: Decoder width.
+        decoder_depth: Decoder blocks; each one has a pixel-status map (12 in ISSTAD's stage-2 network).
+        decoder_num_heads: Decoder attention heads.
+        stage1_epochs: MAE epochs on normal images (0 skips stage 1, e.g. with stage-1 weights loaded).
+        stage2_epochs: Pixel-level self-supervised epochs.
+        mask_ratio: Fraction of patches hidden in stage 1.
+        stage1_base_lr: Stage-1 base learning rate; the rate is ``base_lr * effective_batch / 256``.
+        stage1_weight_decay: Stage-1 AdamW weight decay (not on biases and norm weights).
+        stage1_betas: Stage-1 AdamW betas.
+        stage1_warmup_epochs: Linear warm-up epochs before stage 1's half-cycle cosine.
+        stage1_augment: Random resized crop (scale 0.2-1, bicubic) + horizontal flip in stage 1.
+        stage2_lr: Stage-2 AdamW learning rate.
+        stage2_weight_decay: Stage-2 AdamW weight decay (not on biases and norm weights).
+        stage2_betas: Stage-2 AdamW betas.
+        stage2_cosine_epochs: ``T_max`` of stage 2's per-epoch cosine annealing.
+        stage2_min_lr: ``eta_min`` of stage 2's cosine annealing.
+        corruption_probability: Probability that a stage-2 training image is corrupted.
+        max_shapes: Most shapes per corruption mask; ``None``: MVTec AD preset for the category, else 3.
+        restrict_to_foreground: Draw masks inside the object's Otsu box; ``None``: preset, else on.
+        remove_dark: Make the pasted copy from the image with dark pixels replaced; ``None``: preset, else off.
+        corruption_seed: Seed of the corruption generator; ``None`` follows the global seed.
+        ce_class_weights: Cross-entropy weights ``(normal, anomalous)``.
+        mse_weight: Weight of the reconstruction MSE in stage 2.
+        ssim_weight: Weight of ``1 - SSIM`` in stage 2.
+        reconstruction_target: ``input`` (upstream: the corrupted network input) or ``clean`` (the repaired
+            image, as the paper's wording suggests).
+        score_sigma: Gaussian sigma (pixels) of the fused scoring.
+        pre_processor: Pre-processor; the default resizes only (normalisation is inside the torch model).
+        post_processor: Post-processor (thresholds and normalisation learnt on the validation split).
+        evaluator: Evaluator; the default computes image AUROC/F1 and pixel AUROC/F1/AUPRO.
+        visualizer: Visualizer.
+    """
+
+    def __init__(
+        self,
+        backbone: str = "vit_large",
+        patch_size: int = 16,
+        image_size: int = 224,
+        decoder_embed_dim: int = 512,
+        decoder_depth: int = 12,
+        decoder_num_heads: int = 16,
+        stage1_epochs: int = 305,
+        stage2_epochs: int = 200,
+        mask_ratio: float = 0.75,
+        stage1_base_lr: float = 1e-3,
+        stage1_weight_decay: float = 0.05,
+        stage1_betas: tuple[float, float] = (0.9, 0.95),
+        stage1_warmup_epochs: float = 40,
+        stage1_augment: bool = True,
+        stage2_lr: float = 1e-3,
+        stage2_weight_decay: float = 0.05,
+        stage2_betas: tuple[float, float] = (0.9, 0.95),
+        stage2_cosine_epochs: int = 30,
+        stage2_min_lr: float = 1e-6,
+        corruption_probability: float = 2 / 3,
+        max_shapes: int | None = None,
+        restrict_to_foreground: bool | None = None,
+        remove_dark: bool | None = None,
+        corruption_seed: int | None = None,
+        ce_class_weights: tuple[float, float] = (3.0, 1.0),
+        mse_weight: float = 0.5,
+        ssim_weight: float = 0.1,
+        reconstruction_target: ReconstructionTarget = "input",
+        score_sigma: float = 4.0,
+        pre_processor: nn.Module | bool = True,
+        post_processor: nn.Module | bool = True,
+        evaluator: Evaluator | bool = True,
+        visualizer: Visualizer | bool = True,
+    ) -> None:
+        _check_arguments(stage1_epochs, stage2_epochs, mask_ratio, reconstruction_target, image_size, patch_size)
+        if pre_processor is True:
+            pre_processor = self.configure_pre_processor((image_size, image_size))
+        super().__init__(
+            pre_processor=pre_processor,
+            post_processor=post_processor,
+            evaluator=evaluator,
+            visualizer=visualizer,
+        )
+        self.model = IsstadModel(
+            backbone=backbone,
+            image_size=(image_size, image_size),
+            patch_size=patch_size,
+            decoder_embed_dim=decoder_embed_dim,
+            decoder_depth=decoder_depth,
+            decoder_num_heads=decoder_num_heads,
+            score_sigma=score_sigma,
+        )
+        self.loss = Stage2Loss(ce_class_weights, mse_weight, ssim_weight)
+        self.stage1_augmentation = nn.Sequential(
+            RandomResizedCrop((image_size, image_size), scale=(0.2, 1.0), resample="bicubic",
+                              cropping_mode="resample"),
+            RandomHorizontalFlip(),
+        )
+        self.corruption = SyntheticCorruption(
+            probability=corruption_probability,
+            max_shapes=max_shapes or 3,
+            restrict_to_foreground=True if restrict_to_foreground is None else restrict_to_foreground,
+            remove_dark=bool(remove_dark),
+            seed=corruption_seed,
+        )
+        self.stage_plan = StagePlan(stage1_epochs, stage2_epochs, stage1_warmup_epochs, stage2_cosine_epochs)
+        self.stage = 0
+        self.enter_stage(self.stage_plan.stage_at(0))
+
+    # ------------------------------------------------------------------ anomalib contract
+    @classmethod
+    def configure_pre_processor(cls, image_size: tuple[int, int] | None = None) -> PreProcessor:
+        """Resize only: corruption works on [0, 1] images and the torch model normalises itself."""
+        return PreProcessor(transform=Compose([Resize(image_size or (224, 224), antialias=True)]))
+
+    @staticmethod
+    def configure_evaluator() -> Evaluator:
+        """Image AUROC and F1; pixel AUROC, F1 and AUPRO."""
+        test_metrics = [
+            AUROC(fields=["pred_score", "gt_label"], prefix="image_"),
+            F1Score(fields=["pred_label", "gt_label"], prefix="image_"),
+            AUROC(fields=["anomaly_map", "gt_mask"], prefix="pixel_", strict=False),
+            F1Score(fields=["pred_mask", "gt_mask"], prefix="pixel_", strict=False),
+            AUPRO(fields=["anomaly_map", "gt_mask"], prefix="pixel_", strict=False),
+        ]
+        return Evaluator(test_metrics=test_metrics)
+
+    @classmethod
+    def configure_post_processor(cls) -> PostProcessor:
+        """anomalib's default post-processor (F1-adaptive thresholds, min-max normalisation)."""
+        return PostProcessor()
+
+    @property
+    def learning_type(self) -> LearningType:
+        """ISSTAD learns from normal images only."""
+        return LearningType.ONE_CLASS
+
+    @property
+    def trainer_arguments(self) -> dict[str, Any]:
+        """No sanity validation (stage-2 heads are untrained then); the epoch budget stays the user's."""
+        return {"num_sanity_val_steps": 0}
+
+    def configure_callbacks(self) -> Sequence[Callback]:
+        """anomalib's component callbacks plus the two-stage schedule; checks the data before anything runs."""
+        self._check_datamodule()
+        return [*super().configure_callbacks(), TwoStageSchedule()]
+
+    # ------------------------------------------------------------------ stages
+    def enter_stage(self, stage: int) -> None:
+        """Make ``stage`` current: stage 2 freezes the encoder (no autograd through it), stage 1 trains it."""
+        if stage not in {1, 2}:
+            msg = f"ISSTAD has stages 1 and 2, got {stage}."
+            raise ValueError(msg)
+        self.model.freeze_encoder(stage == 2)
+        self.stage = stage
+
+    def on_fit_start(self) -> None:
+        """Pick the corruption preset for the datamodule's category and seed the generator per rank."""
+        category = getattr(self.trainer.datamodule, "category", None)
+        preset = preset_for_category(category)
+        hp = self.hparams
+        self.corruption.max_shapes = hp.max_shapes if hp.max_shapes is not None else preset.max_shapes
+        self.corruption.restrict_to_foreground = (
+            hp.restrict_to_foreground if hp.restrict_to_foreground is not None else preset.restrict_to_foreground
+        )
+        self.corruption.remove_dark = hp.remove_dark if hp.remove_dark is not None else preset.remove_dark
+        if hp.corruption_seed is not None:
+            self.corruption.reseed(hp.corruption_seed + self.global_rank)
+        source = f"MVTec AD preset for {category!r}" if category in MVTEC_AD_PRESETS else "defaults"
+        logger.info(
+            "ISSTAD corruption (%s, config overrides applied): max_shapes=%d, restrict_to_foreground=%s, "
+            "remove_dark=%s, probability=%.3f.",
+            source,
+            self.corruption.max_shapes,
+            self.corruption.restrict_to_foreground,
+            self.corruption.remove_dark,
+            self.corruption.probability,
+        )
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        """Record the current stage and the stage plan."""
+        super().on_save_checkpoint(checkpoint)
+        checkpoint["isstad_stage"] = self.stage
+        checkpoint["isstad_stage_plan"] = self.stage_plan.to_dict()
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        """Resume in the recorded stage and with the recorded plan (so the schedule continues)."""
+        super().on_load_checkpoint(checkpoint)
+        if "isstad_stage_plan" in checkpoint:
+            self.stage_plan = StagePlan(**checkpoint["isstad_stage_plan"])
+            if self._trainer is not None and self.trainer.max_epochs not in {None, -1}:
+                self.trainer.fit_loop.max_epochs = min(self.trainer.max_epochs, self.stage_plan.total_epochs)
+        if "isstad_stage" in checkpoint:
+            self.enter_stage(checkpoint["isstad_stage"])
+
+    # ------------------------------------------------------------------ optimisation
+    def configure_optimizers(self) -> dict[str, Any]:
+        """AdamW for the current stage with its schedule (stage 1 per step, stage 2 per epoch)."""
+        hp = self.hparams
+        if self.stage == 1:
+            steps_per_epoch = self._steps_per_epoch()
+            lr = hp.stage1_base_lr * self._effective_batch_size() / 256
+            groups = param_groups_weight_decay(self.model, hp.stage1_weight_decay)
+            optimizer = torch.optim.AdamW(groups, lr=lr, betas=tuple(hp.stage1_betas))
+            warmup = self.stage_plan.stage1_warmup_epochs * steps_per_epoch
+            total = self.stage_plan.stage1_epochs * steps_per_epoch
+            scheduler = torch.optim.lr_scheduler.LambdaLR(
+                optimizer,
+                lambda step: warmup_cosine_factor(step, warmup, total),
+            )
+            return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+        groups = param_groups_weight_decay(self.model, hp.stage2_weight_decay)  # frozen encoder is skipped
+        optimizer = torch.optim.AdamW(groups, lr=hp.stage2_lr, betas=tuple(hp.stage2_betas))
+        scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(
+            optimizer,
+            T_max=self.stage_plan.stage2_cosine_epochs,
+            eta_min=hp.stage2_min_lr,
+        )
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "epoch"}}
+
+    def _steps_per_epoch(self) -> int:
+        trainer = self.trainer
+        if not trainer.max_epochs or trainer.max_epochs < 1:
+            return 1
+        return max(1, trainer.estimated_stepping_batches // trainer.max_epochs)
+
+    def _effective_batch_size(self) -> int:
+        batch_size = getattr(self.trainer.datamodule, "train_batch_size", None) or 32
+        return batch_size * self.trainer.accumulate_grad_batches * self.trainer.world_size
+
+    # ------------------------------------------------------------------ steps
+    def training_step(self, batch: Batch, *args, **kwargs) -> STEP_OUTPUT:
+        """Stage 1: masked reconstruction loss. Stage 2: corrupt, then CE + MSE + SSIM."""
+        del args, kwargs
+        images = batch.image
+        if self.stage == 1:
+            if self.hparams.stage1_augment:
+                images = self.stage1_augmentation(images)
+            output = self.model(images, mask_ratio=self.hparams.mask_ratio)
+            loss = masked_patch_mse(*output)
+            self.log("train_loss", loss, on_step=True, on_epoch=True, prog_bar=True, batch_size=len(images))
+            self.log("stage", 1.0, on_step=False, on_epoch=True, batch_size=len(images))
+            return {"loss": loss}
+
+        corrupted, anomaly_mask = self.corruption(images)
+        output = self.model(corrupted)
+        target_01 = corrupted if self.hparams.reconstruction_target == "input" else images
+        terms = self.loss(
+            output.block_logits,
+            anomaly_mask,
+            output.reconstruction,
+            self.model.normalize(target_01),
+            self.model.denormalize(output.reconstruction),
+            target_01,
+        )
+        size = len(images)
+        self.log("train_loss", terms.total, on_step=True, on_epoch=True, prog_bar=True, batch_size=size)
+        self.log_dict(
+            {"train_ce": terms.cross_entropy, "train_mse": terms.mse, "train_ssim": terms.ssim},
+            on_step=False,
+            on_epoch=True,
+            batch_size=size,
+        )
+        self.log("stage", 2.0, on_step=False, on_epoch=True, batch_size=size)
+        return {"loss": terms.total}
+
+    def validation_step(self, batch: Batch, *args, **kwargs) -> STEP_OUTPUT:
+        """Score the batch (anomaly maps and image scores) for thresholds and metrics."""
+        del args, kwargs
+        return batch.update(**self.model(batch.image)._asdict())
+
+    # ------------------------------------------------------------------ checks
+    def on_train_start(self) -> None:
+        """Corruption needs [0, 1] images: refuse a pre-processor that normalises."""
+        transform = getattr(self.pre_processor, "transform", None)
+        if transform is not None and any(isinstance(t, Normalize) for t in _flatten(transform)):
+            msg = (
+                "Isstad normalises inside its torch model (corruption works on [0, 1] images); "
+                "remove Normalize from the pre_processor transform."
+            )
+            raise ValueError(msg)
+
+    def _check_datamodule(self) -> None:
+        """Fail before anomalib tries a download when a folder-layout data root is missing."""
+        datamodule = getattr(self._trainer, "datamodule", None) if self._trainer is not None else None
+        root = getattr(datamodule, "root", None)
+        category = getattr(datamodule, "category", None)
+        if root is None or category is None:
+            return
+        folder = Path(root) / str(category)
+        if folder.is_dir():
+            return
+        downloadable = type(datamodule).__name__ == "MVTecAD" and category in MVTEC_AD_PRESETS
+        if downloadable:
+            logger.warning("%s not found: anomalib will try to download MVTec AD into %s.", folder, root)
+            return
+        msg = (
+            f"Data folder {folder} does not exist (data root {root!r}, category {category!r}). "
+            "Point --data.root at the folder that contains the category, in MVTec AD layout "
+            "(<root>/<category>/train/good, test/<defect>, ground_truth/<defect>)."
+        )
+        raise FileNotFoundError(msg)
+
+
+def _flatten(transform: nn.Module) -> list[nn.Module]:
+    children = getattr(transform, "transforms", None)
+    if not children:
+        return [transform]
+    return [leaf for child in children for leaf in _flatten(child)]
+
+
+def _check_arguments(
+    stage1_epochs: int,
+    stage2_epochs: int,
+    mask_ratio: float,
+    reconstruction_target: str,
+    image_size: int,
+    patch_size: int,
+) -> None:
+    if stage1_epochs < 0 or stage2_epochs < 1:
+        msg = f"stage1_epochs must be >= 0 and stage2_epochs >= 1, got {stage1_epochs} and {stage2_epochs}."
+        raise ValueError(msg)
+    if not 0 < mask_ratio < 1:
+        msg = f"mask_ratio must be in (0, 1), got {mask_ratio}."
+        raise ValueError(msg)
+    if reconstruction_target not in {"input", "clean"}:
+        msg = f"reconstruction_target must be 'input' or 'clean', got {reconstruction_target!r}."
+        raise ValueError(msg)
+    if patch_size <= 0 or image_size % patch_size:
+        lower = max(patch_size, image_size // max(patch_size, 1) * patch_size)
+        msg = (
+            f"image_size={image_size} is not a multiple of patch_size={patch_size}; "
+            f"use e.g. image_size={lower} or {lower + patch_size}."
+        )
+        raise ValueError(msg)
+
+
+__all__ = ["IMAGENET_MEAN", "IMAGENET_STD", "Isstad"]

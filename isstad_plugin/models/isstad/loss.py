@@ -1,0 +1,88 @@
+"""ISSTAD losses: MAE masked-patch MSE (stage 1) and the pixel-level stage-2 objective."""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import torch
+import torch.nn.functional as F  # noqa: N812
+from torch import nn
+from torchmetrics.functional.image import structural_similarity_index_measure
+
+
+def masked_patch_mse(prediction: torch.Tensor, target: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """MAE loss: per-patch MSE averaged over hidden patches only.
+
+    Args:
+        prediction: ``[B, L, p*p*3]`` predicted patches.
+        target: ``[B, L, p*p*3]`` raw (normalised, not per-patch normalised) patches.
+        mask: ``[B, L]``, 1 for hidden patches.
+    """
+    per_patch = (prediction - target).pow(2).mean(dim=-1)
+    return (per_patch * mask).sum() / mask.sum()
+
+
+class Stage2LossTerms(NamedTuple):
+    """The stage-2 loss and its parts (each a scalar tensor)."""
+
+    total: torch.Tensor
+    cross_entropy: torch.Tensor
+    mse: torch.Tensor
+    ssim: torch.Tensor
+
+
+class Stage2Loss(nn.Module):
+    """Weighted CE over every decoder block + ``mse_weight`` MSE + ``ssim_weight`` (1 - SSIM).
+
+    Args:
+        class_weights: CE weights ``(normal, anomalous)``; the method uses ``(3.0, 1.0)``.
+        mse_weight: Weight of the reconstruction MSE (normalised space).
+        ssim_weight: Weight of ``1 - SSIM`` computed on the [0, 1] images.
+    """
+
+    def __init__(
+        self,
+        class_weights: tuple[float, float] = (3.0, 1.0),
+        mse_weight: float = 0.5,
+        ssim_weight: float = 0.1,
+    ) -> None:
+        super().__init__()
+        if len(class_weights) != 2 or min(class_weights) < 0:
+            msg = f"ce_class_weights must be two non-negative numbers (normal, anomalous), got {class_weights}."
+            raise ValueError(msg)
+        self.register_buffer("class_weights", torch.tensor(class_weights, dtype=torch.float32), persistent=False)
+        self.mse_weight = mse_weight
+        self.ssim_weight = ssim_weight
+
+    def forward(
+        self,
+        block_logits: torch.Tensor,
+        anomaly_mask: torch.Tensor,
+        reconstruction: torch.Tensor,
+        target: torch.Tensor,
+        reconstruction_01: torch.Tensor,
+        target_01: torch.Tensor,
+    ) -> Stage2LossTerms:
+        """Compute the loss.
+
+        Args:
+            block_logits: ``[D, B, 2, H, W]`` per-block pixel-status logits.
+            anomaly_mask: ``[B, 1, H, W]`` pixel label (1 = corrupted).
+            reconstruction: ``[B, 3, H, W]`` reconstruction, normalised space.
+            target: ``[B, 3, H, W]`` reconstruction target, normalised space.
+            reconstruction_01: reconstruction mapped back to [0, 1] for SSIM.
+            target_01: target in [0, 1] for SSIM.
+        """
+        depth, batch = block_logits.shape[:2]
+        labels = anomaly_mask.squeeze(1).long().unsqueeze(0).expand(depth, -1, -1, -1)
+        # Every block has the same labels, so the weighted mean over all blocks equals the mean of the
+        # per-block weighted means.
+        cross_entropy = F.cross_entropy(
+            block_logits.flatten(0, 1).float(),
+            labels.flatten(0, 1),
+            weight=self.class_weights,
+        )
+        mse = F.mse_loss(reconstruction, target)
+        ssim = structural_similarity_index_measure(reconstruction_01.float(), target_01.float(), data_range=1.0)
+        total = cross_entropy + self.mse_weight * mse + self.ssim_weight * (1 - ssim)
+        return Stage2LossTerms(total, cross_entropy, mse, ssim)

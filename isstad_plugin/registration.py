@@ -1,0 +1,58 @@
+"""Make anomalib's model look-ups find the plugin's models.
+
+anomalib has no plugin registry; three things make ``--model isstad``, ``--model Isstad``,
+``--model isstad_plugin.Isstad`` and ``get_model("isstad")`` work:
+
+- importing :mod:`isstad_plugin` defines :class:`~isstad_plugin.Isstad` as a direct subclass of
+  ``AnomalibModule`` (what ``get_model`` and jsonargparse search); the start-up hook
+  (``isstad_plugin_hook``) does that import whenever ``anomalib.models`` is imported;
+- :func:`register_with_anomalib` adds this package's own model modules (nothing else) to anomalib's
+  import allow-list so ``get_model({"class_path": "isstad_plugin.Isstad"})`` is accepted;
+- :func:`enable_case_insensitive_model_names`, run when anomalib's CLI module is imported, lets the CLI
+  resolve a class name the way ``get_model`` does (case-insensitive, snake_case accepted), which stock
+  anomalib lacks even for its own models.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+PLUGIN_MODULES = ("isstad_plugin", "isstad_plugin.models", "isstad_plugin.models.isstad")
+
+
+def register_with_anomalib() -> None:
+    """Allow ``get_model`` to import models from this package (and only this package)."""
+    from anomalib import models
+
+    models.ALLOWED_MODULES.update(PLUGIN_MODULES)
+
+
+def _normalise(name: str) -> str:
+    return name.replace("_", "").lower()
+
+
+def enable_case_insensitive_model_names() -> None:
+    """Let jsonargparse resolve ``--model isstad`` / ``--model padim`` to the one class of that name.
+
+    Exact names and dotted paths resolve exactly as before; only a name that resolves to nothing is
+    retried case-insensitively among the subclasses jsonargparse already knows, and only a unique match
+    is taken. Idempotent.
+    """
+    from jsonargparse import _from_config, _typehints
+
+    original = _typehints.resolve_class_path_by_name
+    if getattr(original, "_isstad_case_insensitive", False):
+        return
+
+    def resolve_class_path_by_name(cls: Any, name: str) -> str:  # noqa: ANN401
+        class_path = original(cls, name)
+        if "." in class_path or isinstance(cls, tuple):
+            return class_path
+        wanted = _normalise(name)
+        matches = [path for path in _typehints.get_all_subclass_paths(cls) if _normalise(path.rsplit(".", 1)[-1]) == wanted]
+        unique = {_typehints.import_object(path) for path in matches}
+        return matches[0] if len(unique) == 1 else class_path
+
+    resolve_class_path_by_name._isstad_case_insensitive = True  # type: ignore[attr-defined]
+    _typehints.resolve_class_path_by_name = resolve_class_path_by_name
+    _from_config.resolve_class_path_by_name = resolve_class_path_by_name
