@@ -1,0 +1,56 @@
+"""Shared fixtures: a small real slice of ../shared/data/magnetic_tile and a tiny ISSTAD configuration."""
+
+from __future__ import annotations
+
+import os
+import shutil
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED_DATA = Path(os.environ.get("ISSTAD_SHARED_DATA", REPO.parent / "shared" / "data"))
+MAGNETIC_TILE = SHARED_DATA / "magnetic_tile"
+
+TINY_MODEL = {
+    "backbone": "vit_tiny",
+    "image_size": 64,
+    "decoder_embed_dim": 64,
+    "decoder_depth": 2,
+    "decoder_num_heads": 4,
+}
+
+
+def make_slice(root: Path, n_train: int = 16, n_good: int = 4, defects: dict[str, int] | None = None) -> Path:
+    """Copy the first images of each split (real files, MVTec layout) into ``root/magnetic_tile``."""
+    if not MAGNETIC_TILE.is_dir():
+        pytest.fail(f"Real test data not found at {MAGNETIC_TILE} (set ISSTAD_SHARED_DATA).")
+    defects = defects or {"crack": 3, "blowhole": 3}
+    target = root / "magnetic_tile"
+
+    def copy(split: str, n: int) -> list[str]:
+        files = sorted((MAGNETIC_TILE / split).glob("*.png"))[:n]
+        (target / split).mkdir(parents=True, exist_ok=True)
+        for file in files:
+            shutil.copy(file, target / split / file.name)
+        return [file.stem for file in files]
+
+    copy("train/good", n_train)
+    copy("test/good", n_good)
+    for defect, n in defects.items():
+        (target / "ground_truth" / defect).mkdir(parents=True, exist_ok=True)
+        for stem in copy(f"test/{defect}", n):
+            mask = MAGNETIC_TILE / "ground_truth" / defect / f"{stem}_mask.png"
+            shutil.copy(mask, target / "ground_truth" / defect / mask.name)
+    return root
+
+
+@pytest.fixture(scope="session")
+def tile_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Root folder holding a small real ``magnetic_tile`` category (16 train, 4 good + 6 defective test)."""
+    return make_slice(tmp_path_factory.mktemp("data"))
+
+
+@pytest.fixture
+def tiny_model_args() -> dict:
+    return dict(TINY_MODEL)

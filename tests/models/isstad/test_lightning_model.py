@@ -1,0 +1,159 @@
+"""Isstad through the real anomalib Engine: two stages in one run, frozen encoder, resume, budgets, errors."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import pytest
+import torch
+from anomalib.data import MVTecAD
+from anomalib.engine import Engine
+from lightning.pytorch import Callback, seed_everything
+from anomalib.callbacks.checkpoint import ModelCheckpoint
+
+from isstad_plugin import Isstad
+from isstad_plugin.models.isstad.stages import StagePlan
+
+METRICS = {"image_AUROC", "image_F1Score", "pixel_AUROC", "pixel_F1Score", "pixel_AUPRO"}
+
+
+def datamodule(root: Path) -> MVTecAD:
+    return MVTecAD(root=root, category="magnetic_tile", train_batch_size=8, eval_batch_size=8, num_workers=0)
+
+
+def engine(tmp_path: Path, **kwargs) -> Engine:
+    return Engine(default_root_dir=tmp_path, accelerator="cpu", devices=1, logger=False,
+                  enable_progress_bar=False, **kwargs)
+
+
+class Recorder(Callback):
+    """Records, per training batch, the epoch, the model's stage and the learning rate in use."""
+
+    def __init__(self) -> None:
+        self.trace: list[tuple[int, int, float]] = []
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:  # noqa: ANN001
+        lr = trainer.optimizers[0].param_groups[0]["lr"]
+        self.trace.append((trainer.current_epoch, pl_module.stage, lr))
+
+
+class EncoderWatch(Callback):
+    """Snapshots the encoder when stage 2 starts and checks that no encoder gradient ever appears in stage 2."""
+
+    def __init__(self) -> None:
+        self.snapshot: dict[str, torch.Tensor] | None = None
+        self.stage2_backwards = 0
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:  # noqa: ANN001
+        if pl_module.stage == 2 and self.snapshot is None:
+            self.snapshot = {k: v.detach().clone() for k, v in encoder_state(pl_module).items()}
+
+    def on_after_backward(self, trainer, pl_module) -> None:  # noqa: ANN001
+        if pl_module.stage == 2:
+            self.stage2_backwards += 1
+            assert all(p.grad is None for p in pl_module.model.encoder_parameters())
+
+
+def encoder_state(model: Isstad) -> dict[str, torch.Tensor]:
+    return {k: v for k, v in model.model.state_dict().items() if k.startswith(("patch_embed", "blocks", "norm.", "cls_token"))}
+
+
+def test_train_and_test_end_to_end_on_real_slice(tile_root: Path, tiny_model_args: dict, tmp_path: Path) -> None:
+    seed_everything(0)
+    model = Isstad(**tiny_model_args, stage1_epochs=1, stage2_epochs=1)
+    eng = engine(tmp_path)
+    eng.fit(model=model, datamodule=datamodule(tile_root))
+    assert eng.trainer.current_epoch == 2  # no max_epochs given: exactly stage 1 + stage 2
+    results = eng.test(model=model, datamodule=datamodule(tile_root))[0]
+    assert set(results) == METRICS
+    assert all(0.0 <= value <= 1.0 for value in results.values())
+
+
+def test_stage_switch_freezes_encoder_bit_identically(tile_root: Path, tiny_model_args: dict, tmp_path: Path) -> None:
+    seed_everything(0)
+    model = Isstad(**tiny_model_args, stage1_epochs=1, stage2_epochs=2)
+    watch, recorder = EncoderWatch(), Recorder()
+    decoder_before = model.model.decoder_pred.weight.detach().clone()
+    eng = engine(tmp_path, callbacks=[watch, recorder])
+    eng.fit(model=model, datamodule=datamodule(tile_root))
+    assert [stage for _, stage, _ in recorder.trace] == [1, 1, 2, 2, 2, 2]  # 2 batches per epoch
+    assert watch.snapshot is not None and watch.stage2_backwards == 4
+    for name, value in encoder_state(model).items():
+        assert torch.equal(value, watch.snapshot[name]), name
+    assert not torch.equal(model.model.decoder_pred.weight, decoder_before)
+    assert all(not p.requires_grad for p in model.model.encoder_parameters())
+    # stage 2 starts a fresh AdamW at stage2_lr over the decoder only
+    assert recorder.trace[2][2] == pytest.approx(model.hparams.stage2_lr)
+    optimizer = eng.trainer.optimizers[0]
+    trained = {id(p) for group in optimizer.param_groups for p in group["params"]}
+    assert trained.isdisjoint(id(p) for p in model.model.encoder_parameters())
+
+
+def test_stage1_epochs_zero_skips_stage1(tile_root: Path, tiny_model_args: dict, tmp_path: Path) -> None:
+    model = Isstad(**tiny_model_args, stage1_epochs=0, stage2_epochs=1)
+    before = {k: v.clone() for k, v in encoder_state(model).items()}
+    recorder = Recorder()
+    engine(tmp_path, callbacks=[recorder]).fit(model=model, datamodule=datamodule(tile_root))
+    assert {stage for _, stage, _ in recorder.trace} == {2}
+    assert all(torch.equal(v, before[k]) for k, v in encoder_state(model).items())
+
+
+def test_shorter_trainer_budget_scales_both_stages(
+    tile_root: Path, tiny_model_args: dict, tmp_path: Path, caplog: pytest.LogCaptureFixture,
+) -> None:
+    model = Isstad(**tiny_model_args, stage1_epochs=2, stage2_epochs=2)
+    recorder = Recorder()
+    eng = engine(tmp_path, max_epochs=2, callbacks=[recorder])
+    with caplog.at_level(logging.INFO):
+        eng.fit(model=model, datamodule=datamodule(tile_root))
+    assert eng.trainer.current_epoch == 2  # the user's budget, not overridden
+    assert sorted({(epoch, stage) for epoch, stage, _ in recorder.trace}) == [(0, 1), (1, 2)]
+    assert "scaled both stages to 1 + 1" in caplog.text
+
+
+def test_budget_plan_arithmetic() -> None:
+    plan, message = StagePlan.fit_budget(305, 200, 40, 30, budget=None)
+    assert (plan.stage1_epochs, plan.stage2_epochs, message) == (305, 200, None)
+    plan, message = StagePlan.fit_budget(305, 200, 40, 30, budget=101)
+    assert (plan.stage1_epochs, plan.stage2_epochs) == (61, 40)
+    assert plan.stage1_warmup_epochs == pytest.approx(40 * 61 / 305)
+    assert plan.stage2_cosine_epochs == 6
+    plan, _ = StagePlan.fit_budget(305, 200, 40, 30, budget=1)  # Engine(max_epochs=1): stage 2 only
+    assert (plan.stage1_epochs, plan.stage2_epochs) == (0, 1)
+    assert [plan.stage_at(e) for e in range(1)] == [2]
+
+
+@pytest.mark.parametrize("resume_after_epoch", [0, 2], ids=["mid-stage-1", "mid-stage-2"])
+def test_resume_continues_stage_and_schedule(
+    tile_root: Path, tiny_model_args: dict, tmp_path: Path, resume_after_epoch: int,
+) -> None:
+    args = {**tiny_model_args, "stage1_epochs": 2, "stage2_epochs": 2, "stage1_warmup_epochs": 1,
+            "stage2_cosine_epochs": 2}
+    seed_everything(0)
+    checkpoints = ModelCheckpoint(dirpath=tmp_path / "ckpt", filename="{epoch}", save_top_k=-1, every_n_epochs=1)
+    full = Recorder()
+    engine(tmp_path / "full", callbacks=[full, checkpoints]).fit(model=Isstad(**args), datamodule=datamodule(tile_root))
+
+    resumed = Recorder()
+    model = Isstad(**args)
+    eng = engine(tmp_path / "resumed", callbacks=[resumed])
+    eng.fit(model=model, datamodule=datamodule(tile_root),
+            ckpt_path=tmp_path / "ckpt" / f"epoch={resume_after_epoch}.ckpt")
+    assert eng.trainer.current_epoch == 4
+    assert model.stage == 2
+    assert all(not p.requires_grad for p in model.model.encoder_parameters())
+    tail = [row for row in full.trace if row[0] > resume_after_epoch]
+    assert [(e, s) for e, s, _ in resumed.trace] == [(e, s) for e, s, _ in tail]
+    assert [lr for *_, lr in resumed.trace] == pytest.approx([lr for *_, lr in tail], rel=1e-9)
+
+
+def test_missing_data_root_fails_early_with_the_path(tiny_model_args: dict, tmp_path: Path) -> None:
+    model = Isstad(**tiny_model_args, stage1_epochs=0, stage2_epochs=1)
+    with pytest.raises(FileNotFoundError, match=r"does-not-exist/magnetic_tile does not exist"):
+        engine(tmp_path).fit(model=model, datamodule=datamodule(tmp_path / "does-not-exist"))
+
+
+def test_image_size_not_divisible_by_patch_is_refused() -> None:
+    with pytest.raises(ValueError, match=r"image_size=100 is not a multiple of patch_size=16; use e.g. image_size=96"):
+        Isstad(backbone="vit_tiny", image_size=100)

@@ -1,0 +1,93 @@
+"""The installed package through the real ``anomalib`` console command and fresh interpreters."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import REPO, TINY_MODEL
+
+BIN = Path(sys.executable).parent
+MODEL_FLAGS = [arg for key, value in TINY_MODEL.items() for arg in (f"--model.{key}", str(value))]
+
+
+def run(*command: str | Path, cwd: Path | None = None, timeout: int = 300) -> subprocess.CompletedProcess:
+    result = subprocess.run([str(c) for c in command], capture_output=True, text=True, cwd=cwd, timeout=timeout,
+                            check=False)
+    assert result.returncode == 0, f"{command} failed:\n{result.stdout[-3000:]}\n{result.stderr[-3000:]}"
+    return result
+
+
+def python(code: str) -> str:
+    return run(sys.executable, "-c", code).stdout.strip()
+
+
+def data_flags(root: Path) -> list[str]:
+    return ["--data", "anomalib.data.MVTecAD", "--data.root", str(root), "--data.category", "magnetic_tile",
+            "--data.num_workers", "0", "--data.train_batch_size", "8", "--data.eval_batch_size", "8"]
+
+
+@pytest.fixture(scope="module")
+def trained_checkpoint(tile_root: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """``anomalib train --model isstad`` end to end; returns the checkpoint it wrote."""
+    out = tmp_path_factory.mktemp("cli-train")
+    result = run(BIN / "anomalib", "train", "--model", "isstad", *MODEL_FLAGS, "--model.stage1_epochs", "1",
+                 "--model.stage2_epochs", "1", *data_flags(tile_root), "--trainer.accelerator", "cpu",
+                 "--trainer.enable_progress_bar", "false", "--default_root_dir", out, cwd=out)
+    for metric in ("image_AUROC", "image_F1Score", "pixel_AUROC", "pixel_F1Score", "pixel_AUPRO"):
+        assert metric in result.stdout + result.stderr
+    checkpoints = list(out.rglob("*.ckpt"))
+    assert len(checkpoints) == 1
+    return checkpoints[0]
+
+
+@pytest.mark.parametrize("spelling", ["Isstad", "isstad_plugin.Isstad"])
+def test_model_spellings_resolve_in_the_cli(spelling: str, tile_root: Path) -> None:
+    result = run(BIN / "anomalib", "train", "--model", spelling, *MODEL_FLAGS, *data_flags(tile_root),
+                 "--print_config")
+    assert "class_path: isstad_plugin" in result.stdout
+    assert "backbone: vit_tiny" in result.stdout
+
+
+def test_test_predict_and_export_commands(trained_checkpoint: Path, tile_root: Path, tmp_path: Path) -> None:
+    result = run(BIN / "anomalib", "test", "--model", "Isstad", *MODEL_FLAGS, "--ckpt_path", trained_checkpoint,
+                 *data_flags(tile_root), "--trainer.accelerator", "cpu", "--default_root_dir", tmp_path / "test")
+    assert "pixel_AUPRO" in result.stdout
+    run(BIN / "anomalib", "predict", "--model", "isstad_plugin.Isstad", *MODEL_FLAGS, "--ckpt_path",
+        trained_checkpoint, "--data", tile_root / "magnetic_tile" / "test" / "crack", "--trainer.accelerator", "cpu",
+        "--default_root_dir", tmp_path / "predict")
+    assert len(list((tmp_path / "predict").rglob("images/**/*.png"))) == 3
+    run(BIN / "anomalib", "export", "--model", "isstad", *MODEL_FLAGS, "--ckpt_path", trained_checkpoint,
+        "--export_type", "torch", "--default_root_dir", tmp_path / "export")
+    assert (tmp_path / "export" / "weights" / "torch" / "model.pt").is_file()
+
+
+def test_configs_parse_as_anomalib_configs() -> None:
+    for name in ("isstad.yaml", "isstad_tiny.yaml"):
+        result = run(BIN / "anomalib", "train", "-c", REPO / "configs" / name, "--print_config")
+        assert "class_path: isstad_plugin.Isstad" in result.stdout
+
+
+def test_get_model_after_import_anomalib_alone() -> None:
+    out = python("import anomalib; m = anomalib.models.get_model('isstad', backbone='vit_tiny', image_size=64, "
+                 "decoder_embed_dim=64, decoder_depth=1, decoder_num_heads=4); print(type(m).__module__, m.name)")
+    assert out.endswith("Isstad")
+    out = python("import json, anomalib.models as M; m = M.get_model({'class_path': 'isstad_plugin.Isstad', "
+                 "'init_args': {'backbone': 'vit_tiny', 'image_size': 64, 'decoder_embed_dim': 64, 'decoder_depth': 1, "
+                 "'decoder_num_heads': 4}}); print(m.name); print(json.dumps(sorted(M.ALLOWED_MODULES)))")
+    name, allowed = out.splitlines()
+    assert name == "Isstad"
+    # only our own package was added to anomalib's import allow-list
+    assert {module for module in json.loads(allowed) if not module.startswith("anomalib.")} == {
+        "isstad_plugin", "isstad_plugin.models", "isstad_plugin.models.isstad"}
+
+
+def test_startup_hook_costs_nothing_without_anomalib() -> None:
+    """A process that never imports anomalib loads only the tiny hook module: no torch, no plugin."""
+    out = python("import sys; print(sorted(m for m in sys.modules if m.split('.')[0] in "
+                 "{'isstad_plugin', 'isstad_plugin_hook', 'torch', 'anomalib', 'importlib_metadata'}))")
+    assert out == "['isstad_plugin_hook']"
