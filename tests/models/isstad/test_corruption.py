@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import inspect
+from collections.abc import Iterator
 from pathlib import Path
 
 import cv2
@@ -23,6 +24,15 @@ from isstad_plugin.models.isstad.corruption import (
 )
 
 MAGNETIC_TILE = Path("/work/shared/data/magnetic_tile/train/good")
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _single_thread() -> Iterator[None]:
+    """The tensors here are small: one intra-op thread avoids OpenMP waits on a busy, shared CPU."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
 
 
 def _object_images(objects: list[tuple[int, int, int, int]], height: int = 96, width: int = 128,

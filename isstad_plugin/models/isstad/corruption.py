@@ -1,0 +1,391 @@
+"""Synthetic corruption for ISSTAD stage 2 (pixel-level self-supervised learning).
+
+A random union of rectangles, ellipses and polygons, drawn inside the object's foreground box, is filled with a
+transformed copy of the image (colour jitter / grayscale / blur, flips, or a blend with noise); the shape mask is the
+pixel label. Everything is batched torch code on the input's device; all randomness comes from one
+``torch.Generator`` per device (or torch's global RNG when no seed is given).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F  # noqa: N812
+from kornia.color import rgb_to_grayscale
+from kornia.contrib import connected_components
+from kornia.filters import filter2d_separable
+from torch import Tensor
+
+SHAPES = ("rectangle", "ellipse", "polygon")
+TRANSFORMS = ("color", "flip", "noise")
+_GRID = 32  # the foreground mask is labelled on a grid of at most _GRID x _GRID cells
+_MAX_VERTICES = 8
+
+
+@dataclass(frozen=True)
+class CorruptionPreset:
+    """Per-category corruption settings (upstream ISSTAD MVTec AD presets)."""
+
+    max_shapes: int = 3
+    restrict_to_foreground: bool = True
+    remove_dark: bool = False
+
+
+_MVTEC_CATEGORIES = ("bottle", "cable", "capsule", "carpet", "grid", "hazelnut", "leather", "metal_nut", "pill",
+                     "screw", "tile", "toothbrush", "transistor", "wood", "zipper")
+MVTEC_AD_PRESETS: dict[str, CorruptionPreset] = {
+    name: CorruptionPreset(max_shapes=1 if name in ("capsule", "carpet") else 3,
+                           restrict_to_foreground=name not in ("capsule", "carpet", "zipper"),
+                           remove_dark=name in ("carpet", "zipper"))
+    for name in _MVTEC_CATEGORIES
+}
+
+
+def preset_for_category(category: str | None) -> CorruptionPreset:
+    """The MVTec AD preset of ``category`` (case-insensitive), else the default ``CorruptionPreset()``."""
+    if category is None:
+        return CorruptionPreset()
+    return MVTEC_AD_PRESETS.get(category.strip().lower(), CorruptionPreset())
+
+
+def _check_images(images: Tensor) -> None:
+    if not isinstance(images, Tensor) or images.ndim != 4 or images.shape[1] != 3:
+        shape = tuple(images.shape) if isinstance(images, Tensor) else type(images).__name__
+        raise ValueError(f"images must be a [B, 3, H, W] tensor, got {shape}")
+    if not images.is_floating_point():
+        raise ValueError(f"images must be a floating-point tensor in [0, 1], got dtype {images.dtype}")
+
+
+def _randint(low: Tensor, high: Tensor, generator: torch.Generator | None) -> Tensor:
+    """Uniform int64 in [low, high] (inclusive, elementwise; high < low counts as high = low)."""
+    high = torch.maximum(high, low)
+    u = torch.rand(low.shape, generator=generator, device=low.device)
+    return torch.minimum(low + (u * (high - low + 1).float()).long(), high)
+
+
+def _uniform(shape: tuple[int, ...], low: float, high: float, generator: torch.Generator | None,
+             device: torch.device) -> Tensor:
+    return low + (high - low) * torch.rand(shape, generator=generator, device=device)
+
+
+def _whole_image_boxes(b: int, h: int, w: int, device: torch.device) -> Tensor:
+    """int64 [b, 4] boxes (0, 0, w, h), filled on the device (no host-to-device copy)."""
+    boxes = torch.zeros(b, 4, dtype=torch.long, device=device)
+    boxes[:, 2], boxes[:, 3] = w, h
+    return boxes
+
+
+def _shift_hue(x: Tensor, turns: Tensor) -> Tensor:
+    """Rotate the HSV hue of ``x`` [B, 3, H, W] in [0, 1] by ``turns`` [B] (as kornia's adjust_hue, cheaper)."""
+    maxc, argmax = x.max(1, keepdim=True)
+    chroma = maxc - x.min(1, keepdim=True).values
+    r, g, b = x.split(1, 1)
+    safe = torch.where(chroma > 0, chroma, 1.0)
+    hue = torch.where(argmax == 0, (g - b) / safe, torch.where(argmax == 1, (b - r) / safe + 2, (r - g) / safe + 4))
+    offsets = torch.arange(5.0, 0.0, -2.0, device=x.device, dtype=x.dtype).view(1, 3, 1, 1)  # R, G, B: 5, 3, 1
+    k = torch.remainder(offsets + hue + 6 * turns.view(-1, 1, 1, 1), 6)  # hue in sextants
+    return maxc - chroma * torch.minimum(k, 4 - k).clamp(0, 1)
+
+
+def foreground_boxes(images: Tensor) -> Tensor:
+    """Padded bounding boxes of the largest Otsu-foreground component.
+
+    Args:
+        images: ``[B, 3, H, W]`` in [0, 1].
+
+    Returns:
+        int64 ``[B, 4]`` boxes ``(x0, y0, x1, y1)``, ``x1``/``y1`` exclusive, padded by ``w // 10`` left and right and
+        ``h // 5`` top and bottom and clipped to the image; the whole image where there is no foreground.
+
+    Note:
+        Components are labelled on a grid of at most 32 x 32 cells (the box itself is exact to the pixel), so
+        fragments closer than a cell merge: on fragmented (texture) foregrounds the box can exceed OpenCV's.
+    """
+    _check_images(images)
+    b, _, h, w = images.shape
+    device = images.device
+    gray = (rgb_to_grayscale(images) * 255).round().clamp(0, 255).long().view(b, h * w)
+    stat = torch.float32 if device.type == "mps" else torch.float64
+    hist = torch.zeros(b, 256, dtype=stat, device=device).scatter_add_(1, gray, torch.ones_like(gray, dtype=stat))
+    p = hist / (h * w)
+    omega = p.cumsum(1)
+    mu = (p * torch.arange(256, dtype=stat, device=device)).cumsum(1)
+    den = omega * (1 - omega)
+    between = torch.where(den > 0, (mu[:, -1:] * omega - mu) ** 2 / den.clamp_min(1e-30), 0)
+    fg = (gray > between.argmax(1, keepdim=True)).view(b, 1, h, w)  # THRESH_BINARY: foreground above threshold
+
+    # Largest 8-connected component, labelled on a coarse grid (each cell: "any foreground"), weighted by pixels.
+    s = max(1, math.ceil(max(h, w) / _GRID))
+    gh, gw = math.ceil(h / s), math.ceil(w / s)
+    cells = F.pad(fg.float(), (0, gw * s - w, 0, gh * s - h)).view(b, 1, gh, s, gw, s).sum((3, 5))
+    labels = connected_components((cells > 0).float(), num_iterations=gh + gw)
+    sizes = torch.zeros(b * gh * gw + 1, dtype=cells.dtype, device=device)
+    sizes = sizes.scatter_add_(0, labels.flatten(), cells.flatten())[1:].view(b, gh * gw)
+    best = sizes.argmax(1)
+    has_fg = sizes.amax(1) > 0
+    target = best + 1 + torch.arange(b, device=device) * (gh * gw)  # kornia label = 1 + raster index in batch
+    comp = (labels == target.view(b, 1, 1, 1))[:, :, :, None, :, None].expand(b, 1, gh, s, gw, s)
+    comp = comp.reshape(b, 1, gh * s, gw * s)[..., :h, :w] & fg  # exact pixels of the chosen cells
+
+    cols, rows = comp.any(2).view(b, w).to(torch.uint8), comp.any(3).view(b, h).to(torch.uint8)
+    x0, x1 = cols.argmax(1), w - cols.flip(1).argmax(1)
+    y0, y1 = rows.argmax(1), h - rows.flip(1).argmax(1)
+    pad_x, pad_y = (x1 - x0) // 10, (y1 - y0) // 5
+    boxes = torch.stack([(x0 - pad_x).clamp_min(0), (y0 - pad_y).clamp_min(0),
+                         (x1 + pad_x).clamp_max(w), (y1 + pad_y).clamp_max(h)], 1)
+    return torch.where(has_fg[:, None], boxes, _whole_image_boxes(b, h, w, device))
+
+
+def remove_dark(images: Tensor) -> Tensor:
+    """Replace pixels whose gray value is <= the image's mean gray by the mean colour of the other pixels.
+
+    Args:
+        images: ``[B, 3, H, W]`` in [0, 1].
+
+    Returns:
+        ``[B, 3, H, W]``; an image without brighter-than-mean pixels is returned unchanged.
+    """
+    _check_images(images)
+    gray = rgb_to_grayscale(images)
+    dark = gray <= gray.mean((2, 3), keepdim=True)
+    bright = (~dark).to(images.dtype)
+    count = bright.sum((2, 3), keepdim=True)
+    mean_colour = (images * bright).sum((2, 3), keepdim=True) / count.clamp_min(1)
+    return torch.where(dark & (count > 0), mean_colour, images)
+
+
+def draw_shape_masks(boxes: Tensor, height: int, width: int, max_shapes: int, generator: torch.Generator | None,
+                     shapes: Sequence[str] = SHAPES, min_size_fraction: float = 10 / 1024,
+                     edge_margin_fraction: float = 50 / 1024) -> Tensor:
+    """Union of 1..``max_shapes`` random rectangles / ellipses / polygons per box.
+
+    Sizes follow upstream at 1024 px, scaled per axis: corners at most ``edge_margin_fraction`` of the side before
+    the box's far edge, sides at least ``min_size_fraction`` of the side; every pixel is clipped to its box.
+
+    Args:
+        boxes: int64 ``[B, 4]`` ``(x0, y0, x1, y1)``, exclusive ends.
+        height, width: the image size.
+        max_shapes: the largest number of shapes per sample (>= 1).
+        generator: the random generator on ``boxes.device``, or None for torch's global RNG.
+        shapes: the shape kinds to choose from.
+
+    Returns:
+        float32 ``[B, 1, height, width]`` with values in {0, 1}.
+    """
+    if max_shapes < 1:
+        raise ValueError(f"max_shapes must be >= 1, got {max_shapes}")
+    if not shapes or any(s not in SHAPES for s in shapes):
+        raise ValueError(f"shapes must be a non-empty subset of {SHAPES}, got {tuple(shapes)}")
+    device, b = boxes.device, boxes.shape[0]
+    x0, y0, x1, y1 = boxes.long().unbind(1)
+    min_w, min_h = max(1, round(min_size_fraction * width)), max(1, round(min_size_fraction * height))
+    x_hi = x1 - max(1, round(edge_margin_fraction * width))  # last allowed corner (clamped to x0 when negative)
+    y_hi = y1 - max(1, round(edge_margin_fraction * height))
+    xs = torch.arange(width, device=device).view(1, 1, width)
+    ys = torch.arange(height, device=device).view(1, height, 1)
+    px, py = xs + 0.5, ys + 0.5  # pixel centres
+
+    count = _randint(torch.ones(b, dtype=torch.long, device=device), torch.full_like(x0, max_shapes), generator)
+    mask = torch.zeros(b, height, width, dtype=torch.bool, device=device)
+    for slot in range(max_shapes):
+        kind = _randint(torch.zeros_like(x0), torch.full_like(x0, len(shapes) - 1), generator).view(b, 1, 1)
+        # Rectangle / ellipse: top-left corner, then a size reaching at most the box's far edge.
+        left, top = _randint(x0, x_hi, generator), _randint(y0, y_hi, generator)
+        right = torch.minimum(left + _randint(torch.full_like(x0, min_w), x1 - left, generator), x1)
+        bottom = torch.minimum(top + _randint(torch.full_like(y0, min_h), y1 - top, generator), y1)
+        left, top, right, bottom = (t.view(b, 1, 1) for t in (left, top, right, bottom))
+        candidates = {}
+        if "rectangle" in shapes:
+            candidates["rectangle"] = (xs >= left) & (xs < right) & (ys >= top) & (ys < bottom)
+        if "ellipse" in shapes:
+            cx, cy = (left + right) / 2, (top + bottom) / 2
+            ax, ay = (right - left) / 2, (bottom - top) / 2
+            candidates["ellipse"] = ((px - cx) / ax) ** 2 + ((py - cy) / ay) ** 2 <= 1
+        if "polygon" in shapes:
+            candidates["polygon"] = _polygon(x0, y0, x_hi, y_hi, xs, ys, generator)
+        shape = candidates[shapes[-1]]
+        for index, name in enumerate(shapes[:-1]):
+            shape = torch.where(kind == index, candidates[name], shape)
+        mask |= shape & (slot < count).view(b, 1, 1)
+    inside = (xs >= x0.view(b, 1, 1)) & (xs < x1.view(b, 1, 1)) & (ys >= y0.view(b, 1, 1)) & (ys < y1.view(b, 1, 1))
+    return (mask & inside).unsqueeze(1).float()
+
+
+def _polygon(x0: Tensor, y0: Tensor, x_hi: Tensor, y_hi: Tensor, xs: Tensor, ys: Tensor,
+             generator: torch.Generator | None) -> Tensor:
+    """[B, H, W] polygons of 3..8 vertices in [x0, x_hi] x [y0, y_hi], sorted by angle, even-odd filled."""
+    b, n = x0.shape[0], _MAX_VERTICES
+    n_vertices = _randint(torch.full_like(x0, 3), torch.full_like(x0, n), generator)
+    vx = _randint(x0[:, None].expand(b, n), x_hi[:, None].expand(b, n), generator).float() + 0.5
+    vy = _randint(y0[:, None].expand(b, n), y_hi[:, None].expand(b, n), generator).float() + 0.5
+    valid = torch.arange(n, device=x0.device) < n_vertices[:, None]
+    cx = (vx * valid).sum(1, keepdim=True) / n_vertices[:, None]
+    cy = (vy * valid).sum(1, keepdim=True) / n_vertices[:, None]
+    angle = torch.where(valid, torch.atan2(vy - cy, vx - cx), 10.0)  # unused vertices sort last
+    order = angle.argsort(1)
+    vx, vy = vx.gather(1, order), vy.gather(1, order)
+    vx, vy = torch.where(valid, vx, vx[:, :1]), torch.where(valid, vy, vy[:, :1])  # padding: zero-length edges
+    # Even-odd rule per row: x of every edge crossing the row's pixel centre line (-inf where none); a pixel is
+    # inside when an odd number of crossings lie at or left of it (each row has an even number of crossings).
+    py = (ys + 0.5).view(1, -1, 1)  # [1, H, 1]
+    ax, ay, bx, by = (v[:, None, :] for v in (vx, vy, vx.roll(-1, 1), vy.roll(-1, 1)))  # edges [B, 1, n]
+    crosses = (ay > py) != (by > py)
+    x_cross = ax + (py - ay) * (bx - ax) / torch.where(by == ay, 1.0, by - ay)
+    x_cross = torch.where(crosses, x_cross, -torch.inf).sort(-1).values  # [B, H, n]
+    px = (xs + 0.5).expand(b, ys.shape[1], -1).contiguous()
+    inside = (torch.searchsorted(x_cross, px, right=True, out_int32=True) & 1).bool()
+    # Keep degenerate (collinear) polygons non-empty: the pixel of the first vertex is always set.
+    return inside | ((xs == vx[:, :1, None].floor()) & (ys == vy[:, :1, None].floor()))
+
+
+class SyntheticCorruption(torch.nn.Module):
+    """Paste a transformed copy of each image through a random shape mask (ISSTAD stage 2).
+
+    Args:
+        probability: chance that a sample is corrupted; the others keep their image and an all-zero mask.
+        max_shapes: the most shapes in one mask.
+        restrict_to_foreground: draw shapes inside :func:`foreground_boxes` instead of the whole image.
+        remove_dark: make the transformed copy from :func:`remove_dark` of the image.
+        transforms: the transform kinds to choose from ("color", "flip", "noise").
+        shapes: the shape kinds to choose from ("rectangle", "ellipse", "polygon").
+        blur_sigma_fraction: the range of the Gaussian blur sigma as a fraction of the image side.
+        seed: seed of the generator; None uses torch's global RNG.
+    """
+
+    def __init__(self, probability: float = 2 / 3, max_shapes: int = 3, restrict_to_foreground: bool = True,
+                 remove_dark: bool = False, transforms: Sequence[str] = TRANSFORMS, shapes: Sequence[str] = SHAPES,
+                 blur_sigma_fraction: tuple[float, float] = (15 / 1024, 20 / 1024), seed: int | None = None) -> None:
+        super().__init__()
+        if not 0.0 <= probability <= 1.0:
+            raise ValueError(f"probability must be in [0, 1], got {probability}")
+        if isinstance(max_shapes, bool) or not isinstance(max_shapes, int) or max_shapes < 1:
+            raise ValueError(f"max_shapes must be an integer >= 1, got {max_shapes!r}")
+        if isinstance(transforms, str) or not transforms or any(t not in TRANSFORMS for t in transforms):
+            raise ValueError(f"transforms must be a non-empty subset of {TRANSFORMS}, got {transforms!r}")
+        if isinstance(shapes, str) or not shapes or any(s not in SHAPES for s in shapes):
+            raise ValueError(f"shapes must be a non-empty subset of {SHAPES}, got {shapes!r}")
+        if len(blur_sigma_fraction) != 2 or not 0 < blur_sigma_fraction[0] <= blur_sigma_fraction[1]:
+            raise ValueError(f"blur_sigma_fraction must be (low, high) with 0 < low <= high, got {blur_sigma_fraction}")
+        self.probability = float(probability)
+        self.max_shapes = max_shapes
+        self.restrict_to_foreground = restrict_to_foreground
+        self.remove_dark = remove_dark
+        self.transforms = tuple(transforms)
+        self.shapes = tuple(shapes)
+        self.blur_sigma_fraction = (float(blur_sigma_fraction[0]), float(blur_sigma_fraction[1]))
+        self.reseed(seed)
+
+    def reseed(self, seed: int | None) -> None:
+        """Restart the random stream from ``seed`` (None: use torch's global RNG)."""
+        self.seed = seed
+        self._generators: dict[torch.device, torch.Generator] = {}
+
+    def _generator(self, device: torch.device) -> torch.Generator | None:
+        if self.seed is None:
+            return None
+        if device not in self._generators:
+            self._generators[device] = torch.Generator(device=device).manual_seed(self.seed)
+        return self._generators[device]
+
+    @torch.no_grad()
+    def forward(self, images: Tensor) -> tuple[Tensor, Tensor]:
+        """Corrupt a batch.
+
+        Args:
+            images: float ``[B, 3, H, W]`` in [0, 1].
+
+        Returns:
+            ``(corrupted [B, 3, H, W] in [0, 1], mask [B, 1, H, W] in {0, 1})``, the mask in the images' dtype.
+        """
+        _check_images(images)
+        b, _, h, w = images.shape
+        gen = self._generator(images.device)
+        corrupt = torch.rand(b, generator=gen, device=images.device) < self.probability
+        if self.restrict_to_foreground:
+            boxes = foreground_boxes(images)
+        else:
+            boxes = _whole_image_boxes(b, h, w, images.device)
+        mask = draw_shape_masks(boxes, h, w, self.max_shapes, gen, self.shapes)
+        mask = (mask * corrupt.view(b, 1, 1, 1)).to(images.dtype)
+        source = remove_dark(images) if self.remove_dark else images
+        transformed = self._transform(source, gen).clamp(0, 1)
+        return images * (1 - mask) + transformed * mask, mask
+
+    def _transform(self, x: Tensor, gen: torch.Generator | None) -> Tensor:
+        """One randomly chosen transform of ``self.transforms`` per sample."""
+        b, device = x.shape[0], x.device
+        choice = _randint(torch.zeros(b, dtype=torch.long, device=device),
+                          torch.full((b,), len(self.transforms) - 1, device=device), gen).view(b, 1, 1, 1)
+        out = x
+        for index, name in enumerate(self.transforms):
+            result = getattr(self, f"_{name}")(x, gen)
+            out = result if index == 0 else torch.where(choice == index, result, out)
+        return out
+
+    def _color(self, x: Tensor, gen: torch.Generator | None) -> Tensor:
+        """Jitter, grayscale, blur, jitter+grayscale, jitter+blur or grayscale+blur."""
+        b = x.shape[0]
+        zeros = torch.zeros(b, dtype=torch.long, device=x.device)
+        sub = _randint(zeros, zeros + 5, gen).view(b, 1, 1, 1)
+        out = torch.where((sub == 0) | (sub == 3) | (sub == 4), self._jitter(x, gen), x)
+        out = torch.where((sub == 1) | (sub == 3) | (sub == 5), rgb_to_grayscale(out).expand_as(out), out)
+        return torch.where((sub == 2) | (sub >= 4), self._blur(out, gen), out)
+
+    def _jitter(self, x: Tensor, gen: torch.Generator | None) -> Tensor:
+        """ColorJitter(0.8, 0.8, 0.8, 0.4) with torchvision's semantics and a random op order per sample."""
+        b = x.shape[0]
+        factor = _uniform((b, 3), 0.2, 1.8, gen, x.device).to(x.dtype)
+        hue = _uniform((b,), -0.4, 0.4, gen, x.device).to(x.dtype)  # in turns
+        order = torch.rand(b, 4, generator=gen, device=x.device).argsort(1).view(b, 4, 1, 1, 1)
+        hue_step = (order == 3).long().argmax(1)  # ops: 0 brightness, 1 contrast, 2 saturation, 3 hue
+        # Hue (the costly op) is computed once: the cheap ops ordered before it, hue, then those after it.
+        for step in range(3):
+            x = self._cheap_jitter_op(x, torch.where(step < hue_step, order[:, step], 3), factor)
+        x = _shift_hue(x, hue)
+        for step in range(1, 4):
+            x = self._cheap_jitter_op(x, torch.where(step > hue_step, order[:, step], 3), factor)
+        return x
+
+    @staticmethod
+    def _cheap_jitter_op(x: Tensor, op: Tensor, factor: Tensor) -> Tensor:
+        """Per sample: brightness (op 0), contrast (1), saturation (2) as in torchvision, or identity (3).
+
+        ``x`` is ``[B, 3, H, W]``, ``op`` int64 ``[B, 1, 1, 1]``, ``factor`` ``[B, 3]`` (one factor per op).
+
+        All three are ``clamp(a * x + b * gray + c)``: brightness blends with black, contrast with the mean gray,
+        saturation with the grayscale image.
+        """
+        gray = rgb_to_grayscale(x)
+        a = torch.where(op == 3, 1.0, factor.gather(1, op.view(-1, 1).clamp(max=2)).view_as(op))
+        b = torch.where(op == 2, 1 - a, 0.0)
+        c = torch.where(op == 1, (1 - a) * gray.mean((1, 2, 3), keepdim=True), 0.0)
+        return (a * x + b * gray + c).clamp(0, 1)
+
+    def _blur(self, x: Tensor, gen: torch.Generator | None) -> Tensor:
+        """Gaussian blur, sigma = side * fraction drawn per sample in ``blur_sigma_fraction``, reflect borders."""
+        b, _, h, w = x.shape
+        low, high = self.blur_sigma_fraction
+        fraction = _uniform((b, 1), low, high, gen, x.device).to(x.dtype)
+
+        def kernel(side: int) -> Tensor:
+            size = min(2 * math.ceil(3 * high * side) + 1, 2 * side - 1)
+            t = torch.arange(size, device=x.device, dtype=x.dtype) - size // 2
+            k = torch.exp(-(t**2) / (2 * (fraction * side) ** 2))
+            return k / k.sum(1, keepdim=True)
+
+        return filter2d_separable(x, kernel(w), kernel(h), border_type="reflect")
+
+    def _flip(self, x: Tensor, gen: torch.Generator | None) -> Tensor:
+        """Horizontal, vertical or both, per sample."""
+        b = x.shape[0]
+        zeros = torch.zeros(b, dtype=torch.long, device=x.device)
+        kind = _randint(zeros, zeros + 2, gen).view(b, 1, 1, 1)
+        x = torch.where(kind != 1, x.flip(-1), x)
+        return torch.where(kind != 0, x.flip(-2), x)
+
+    def _noise(self, x: Tensor, gen: torch.Generator | None) -> Tensor:
+        """50 % blend with uniform noise."""
+        return 0.5 * x + 0.5 * torch.rand(x.shape, generator=gen, device=x.device, dtype=x.dtype)
