@@ -1,0 +1,1 @@
+"""Hand-run speed and memory benchmarks; results go to docs/benchmarks/."""

@@ -1,0 +1,155 @@
+"""Inference latency and throughput of ISSTAD: torch eager vs ONNX Runtime vs OpenVINO (FP32, FP16).
+
+Run by hand on a quiet machine: ``python -m benchmarks.inference`` (``--quick`` for a short check). Writes
+``docs/benchmarks/inference.md`` and ``docs/benchmarks/inference.png``. Every runtime runs the whole exported
+graph (resize, network, fused scoring, anomalib post-processing) with the same number of threads; the models
+are randomly initialised (weights do not change the cost).
+"""
+
+from __future__ import annotations
+
+import argparse
+import tempfile
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch.utils.flop_counter import FlopCounterMode
+from tqdm import tqdm
+
+from benchmarks.common import DOCS, machine, markdown_table, matmul_peak_gflops, median, p90, time_calls
+
+# Decoders sized with their encoders (the tiny one is configs/isstad_tiny.yaml's; base is the MAE release's).
+VARIANTS = {
+    "vit_tiny": {"decoder_embed_dim": 128, "decoder_depth": 2, "decoder_num_heads": 4},
+    "vit_small": {"decoder_embed_dim": 256, "decoder_depth": 4, "decoder_num_heads": 8},
+    "vit_base": {"decoder_embed_dim": 512, "decoder_depth": 8, "decoder_num_heads": 16},
+}
+
+
+def build(variant: str, image_size: int):  # noqa: ANN201
+    from isstad_plugin import Isstad
+
+    torch.manual_seed(0)
+    return Isstad(backbone=variant, image_size=image_size, **VARIANTS[variant]).eval()
+
+
+def gflops_per_image(model, image_size: int) -> float:  # noqa: ANN001
+    counter = FlopCounterMode(display=False)
+    with counter, torch.inference_mode():
+        model(torch.rand(1, 3, image_size, image_size))
+    return counter.get_total_flops() / 1e9
+
+
+def runners(model, onnx_path: Path, ir_fp32: Path, ir_fp16: Path, threads: int) -> dict:  # noqa: ANN001
+    import onnxruntime as ort
+    import openvino as ov
+
+    def torch_eager(batch: np.ndarray) -> object:
+        with torch.inference_mode():
+            return model(torch.from_numpy(batch))
+
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = threads
+    options.inter_op_num_threads = 1
+    session = ort.InferenceSession(str(onnx_path), options, providers=["CPUExecutionProvider"])
+    input_name = session.get_inputs()[0].name
+    core = ov.Core()
+    config = {"INFERENCE_NUM_THREADS": threads, "PERFORMANCE_HINT": "LATENCY"}
+    ov_fp32 = core.compile_model(ir_fp32, "CPU", config)
+    ov_fp16 = core.compile_model(ir_fp16, "CPU", config)
+    return {
+        "torch eager": torch_eager,
+        "ONNX Runtime": lambda batch: session.run(None, {input_name: batch}),
+        "OpenVINO FP32": lambda batch: ov_fp32(batch),
+        "OpenVINO FP16": lambda batch: ov_fp16(batch),
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--image-size", type=int, default=224)
+    parser.add_argument("--repeats", type=int, default=30, help="timed runs per configuration (batch 1)")
+    parser.add_argument("--quick", action="store_true", help="vit_tiny only, few repeats")
+    parser.add_argument("--output", type=Path, default=DOCS / "inference.md")
+    args = parser.parse_args()
+    import openvino as ov
+
+    torch.set_num_threads(args.threads)
+    variants = ["vit_tiny"] if args.quick else list(VARIANTS)
+    repeats = 5 if args.quick else args.repeats
+    peak = matmul_peak_gflops(args.threads)
+    rows, chart = [], {}
+    size = args.image_size
+    with tempfile.TemporaryDirectory() as tmp:
+        for variant in tqdm(variants, desc="variants"):
+            model = build(variant, size)
+            gflops = gflops_per_image(model, size)
+            onnx_path = model.to_onnx(Path(tmp) / variant, input_size=(size, size))
+            ir = ov.convert_model(onnx_path)
+            ir_fp32, ir_fp16 = Path(tmp) / variant / "fp32.xml", Path(tmp) / variant / "fp16.xml"
+            ov.save_model(ir, ir_fp32, compress_to_fp16=False)
+            ov.save_model(ir, ir_fp16, compress_to_fp16=True)
+            for runtime, run in runners(model, onnx_path, ir_fp32, ir_fp16, args.threads).items():
+                for batch_size in (1, 8):
+                    batch = np.random.default_rng(0).random((batch_size, 3, size, size), dtype=np.float32)
+                    n = repeats if batch_size == 1 else max(3, repeats // 3)
+                    times = time_calls(lambda run=run, batch=batch: run(batch), n, warmup=3)
+                    images_per_s = batch_size / median(times)
+                    rows.append([variant, runtime, batch_size, f"{median(times) * 1e3:.1f}", f"{p90(times) * 1e3:.1f}",
+                                 f"{images_per_s:.1f}", f"{gflops:.2f}", f"{gflops * images_per_s / peak:.0%}"])
+                    chart[(variant, runtime, batch_size)] = median(times) * 1e3
+    header = ["variant", "runtime", "batch", "median ms", "p90 ms", "images/s", "GFLOPs/image", "of matmul peak"]
+    table = markdown_table(header, rows)
+    speedups = [
+        f"- {v} batch 1: OpenVINO FP32 is {chart[(v, 'torch eager', 1)] / chart[(v, 'OpenVINO FP32', 1)]:.2f}x "
+        f"torch eager, ONNX Runtime {chart[(v, 'torch eager', 1)] / chart[(v, 'ONNX Runtime', 1)]:.2f}x"
+        for v in variants
+    ]
+    report = "\n".join([
+        "# Inference benchmark",
+        "",
+        f"Command: `python -m benchmarks.inference{' --quick' if args.quick else ''}` "
+        f"({args.threads} threads, {size} px, whole exported graph incl. pre/post-processing).",
+        f"Machine: {machine()}. Measured fp32 matmul peak ({args.threads} threads, 2048^3): {peak:.1f} GFLOP/s.",
+        "Latency is the median (and 90th percentile) of repeated runs measured side by side in one process; "
+        "'of matmul peak' = GFLOPs/image x images/s / measured peak.",
+        "",
+        table,
+        "",
+        *speedups,
+        "",
+        "![latency chart](inference.png)",
+        "",
+    ])
+    args.output.parent.mkdir(parents=True, exist_ok=True)
+    args.output.write_text(report)
+    draw_chart(chart, variants, args.output.with_suffix(".png"))
+    print(report)
+
+
+def draw_chart(chart: dict, variants: list[str], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    runtimes = ["torch eager", "ONNX Runtime", "OpenVINO FP32", "OpenVINO FP16"]
+    fig, axes = plt.subplots(1, 2, figsize=(11, 3.8))
+    for ax, batch_size in zip(axes, (1, 8), strict=True):
+        width = 0.2
+        for i, runtime in enumerate(runtimes):
+            values = [chart[(v, runtime, batch_size)] for v in variants]
+            ax.bar(np.arange(len(variants)) + i * width, values, width, label=runtime)
+        ax.set_xticks(np.arange(len(variants)) + 1.5 * width, variants)
+        ax.set_ylabel("median latency per batch (ms)")
+        ax.set_title(f"batch {batch_size}")
+        ax.set_yscale("log")
+    axes[0].legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+
+
+if __name__ == "__main__":
+    main()

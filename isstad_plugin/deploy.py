@@ -1,0 +1,162 @@
+"""``isstad-predict``: run an exported model (OpenVINO IR or ONNX) on image files or folders, write overlays.
+
+The exported graph already holds pre-processing, the network, ISSTAD's scoring and anomalib's
+post-processing; this command only reads images, resizes them to the graph's fixed input size, runs
+``anomalib.deploy.OpenVINOInferencer`` (or ONNX Runtime) and draws the anomaly map over each image.
+
+Example:
+    isstad-predict results/weights/openvino/model.xml ../shared/data/magnetic_tile/test/crack --output overlays
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import sys
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+
+import cv2
+import numpy as np
+
+IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp"}
+
+
+def iter_images(inputs: Sequence[Path]) -> Iterator[Path]:
+    """Image files named in ``inputs``; folders are searched recursively. Fails on a missing path."""
+    for path in inputs:
+        if path.is_dir():
+            files = sorted(p for p in path.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES)
+            if not files:
+                msg = f"No images ({', '.join(sorted(IMAGE_SUFFIXES))}) found under {path}."
+                raise FileNotFoundError(msg)
+            yield from files
+        elif path.is_file():
+            yield path
+        else:
+            msg = f"Input {path} does not exist."
+            raise FileNotFoundError(msg)
+
+
+def read_rgb(path: Path) -> np.ndarray:
+    """``[H, W, 3]`` uint8 RGB; grayscale, RGBA and 16-bit files are converted. Fails on unreadable files."""
+    image = cv2.imread(str(path), cv2.IMREAD_UNCHANGED)
+    if image is None:
+        msg = f"Cannot read image {path} (corrupt, truncated or not an image)."
+        raise ValueError(msg)
+    if image.dtype == np.uint16:
+        image = (image / 257).round().astype(np.uint8)
+    elif image.dtype != np.uint8:
+        msg = f"Unsupported pixel type {image.dtype} in {path}; expected 8- or 16-bit."
+        raise ValueError(msg)
+    if image.ndim == 2:
+        return cv2.cvtColor(image, cv2.COLOR_GRAY2RGB)
+    if image.shape[2] == 4:
+        return cv2.cvtColor(image, cv2.COLOR_BGRA2RGB)
+    return cv2.cvtColor(image, cv2.COLOR_BGR2RGB)
+
+
+class ExportedModel:
+    """An exported anomalib model; ``__call__`` takes ``[B, 3, H, W]`` float32 in [0, 1], returns its outputs."""
+
+    def __init__(self, path: Path, runtime: str = "openvino", device: str = "CPU") -> None:
+        if not path.is_file():
+            msg = f"Model file {path} does not exist."
+            raise FileNotFoundError(msg)
+        self.runtime = runtime
+        if runtime == "openvino":
+            from anomalib.deploy import OpenVINOInferencer
+
+            self.inferencer = OpenVINOInferencer(path, device=device)
+            shape = self.inferencer.input_blob.get_partial_shape()
+            dims = [d.get_length() if d.is_static else None for d in shape]
+        elif runtime == "onnxruntime":
+            import onnxruntime as ort
+
+            self.session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+            dims = [d if isinstance(d, int) else None for d in self.session.get_inputs()[0].shape]
+        else:
+            msg = f"runtime must be 'openvino' or 'onnxruntime', got {runtime!r}."
+            raise ValueError(msg)
+        self.input_size = (dims[2], dims[3]) if dims[2] and dims[3] else None
+
+    def __call__(self, batch: np.ndarray) -> dict[str, np.ndarray]:
+        if self.runtime == "openvino":
+            result = self.inferencer.predict(batch)
+            return {k: np.asarray(getattr(result, k)) for k in ("pred_score", "pred_label", "anomaly_map", "pred_mask")}
+        names = [o.name for o in self.session.get_outputs()]
+        outputs = self.session.run(None, {self.session.get_inputs()[0].name: batch})
+        return dict(zip(names, outputs, strict=True))
+
+
+def prepare(image: np.ndarray, input_size: tuple[int, int] | None) -> np.ndarray:
+    """RGB uint8 ``[H, W, 3]`` -> ``[1, 3, h, w]`` float32 in [0, 1] at the model's input size."""
+    if input_size is not None:
+        image = cv2.resize(image, (input_size[1], input_size[0]), interpolation=cv2.INTER_AREA)
+    return (image.astype(np.float32) / 255.0).transpose(2, 0, 1)[None]
+
+
+def overlay(image: np.ndarray, anomaly_map: np.ndarray, pred_mask: np.ndarray, score: float, label: bool) -> np.ndarray:
+    """Original image | anomaly map blended over it with the predicted region outlined, as BGR uint8."""
+    height, width = image.shape[:2]
+    amap = cv2.resize(np.clip(anomaly_map.squeeze(), 0, 1).astype(np.float32), (width, height))
+    heat = cv2.applyColorMap((amap * 255).astype(np.uint8), cv2.COLORMAP_JET)
+    bgr = cv2.cvtColor(image, cv2.COLOR_RGB2BGR)
+    blended = cv2.addWeighted(bgr, 0.55, heat, 0.45, 0)
+    mask = cv2.resize(pred_mask.squeeze().astype(np.uint8), (width, height), interpolation=cv2.INTER_NEAREST)
+    contours, _ = cv2.findContours(mask, cv2.RETR_EXTERNAL, cv2.CHAIN_APPROX_SIMPLE)
+    cv2.drawContours(blended, contours, -1, (255, 255, 255), max(1, min(height, width) // 200))
+    text = f"{'ANOMALOUS' if label else 'normal'} {score:.3f}"
+    cv2.putText(blended, text, (5, 20), cv2.FONT_HERSHEY_SIMPLEX, 0.5, (255, 255, 255), 1, cv2.LINE_AA)
+    return np.hstack([bgr, blended])
+
+
+def predict_paths(
+    model_path: Path,
+    inputs: Sequence[Path],
+    output: Path,
+    runtime: str = "openvino",
+    device: str = "CPU",
+) -> list[dict[str, object]]:
+    """Predict every image, write ``<output>/<name>.png`` overlays and ``<output>/predictions.csv``."""
+    model = ExportedModel(model_path, runtime, device)
+    files = list(iter_images(inputs))
+    output.mkdir(parents=True, exist_ok=True)
+    rows = []
+    for path in files:
+        image = read_rgb(path)
+        result = model(prepare(image, model.input_size))
+        score, label = float(result["pred_score"].reshape(-1)[0]), bool(result["pred_label"].reshape(-1)[0])
+        target = output / f"{path.parent.name}_{path.stem}.png"
+        cv2.imwrite(str(target), overlay(image, result["anomaly_map"][0], result["pred_mask"][0], score, label))
+        rows.append({"image": str(path), "pred_score": score, "pred_label": int(label), "overlay": str(target)})
+    partial = output / "predictions.csv.partial"
+    with partial.open("w", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+    partial.replace(output / "predictions.csv")  # only a finished run leaves a predictions.csv
+    return rows
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="isstad-predict", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("model", type=Path, help="exported model: OpenVINO .xml or .onnx")
+    parser.add_argument("inputs", type=Path, nargs="+", help="image files and/or folders")
+    parser.add_argument("--output", type=Path, default=Path("predictions"), help="folder for overlays and CSV")
+    parser.add_argument("--runtime", choices=["openvino", "onnxruntime"], default="openvino")
+    parser.add_argument("--device", default="CPU", help="OpenVINO device (CPU, GPU, AUTO)")
+    args = parser.parse_args(argv)
+    try:
+        rows = predict_paths(args.model, args.inputs, args.output, args.runtime, args.device)
+    except (FileNotFoundError, ValueError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    flagged = sum(row["pred_label"] for row in rows)
+    print(f"{len(rows)} images, {flagged} anomalous; overlays and predictions.csv in {args.output}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
