@@ -9,7 +9,7 @@ pixel label. Everything is batched torch code on the input's device; all randomn
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -241,6 +241,21 @@ def _polygon(x0: Tensor, y0: Tensor, x_hi: Tensor, y_hi: Tensor, xs: Tensor, ys:
     return inside | ((xs == vx[:, :1, None].floor()) & (ys == vy[:, :1, None].floor()))
 
 
+def _apply_per_choice(
+    x: Tensor,
+    choice: Tensor,
+    functions: Sequence[Callable[[Tensor, torch.Generator | None], Tensor]],
+    gen: torch.Generator | None,
+) -> Tensor:
+    """``out[i] = functions[choice[i]](x[i])``, each function run once on the samples that chose it."""
+    out = x.clone()
+    for index, function in enumerate(functions):
+        rows = (choice == index).nonzero().squeeze(1)
+        if rows.numel():
+            out.index_copy_(0, rows, function(x.index_select(0, rows), gen))
+    return out
+
+
 class SyntheticCorruption(torch.nn.Module):
     """Paste a transformed copy of each image through a random shape mask (ISSTAD stage 2).
 
@@ -304,35 +319,46 @@ class SyntheticCorruption(torch.nn.Module):
         b, _, h, w = images.shape
         gen = self._generator(images.device)
         corrupt = torch.rand(b, generator=gen, device=images.device) < self.probability
+        mask = torch.zeros(b, 1, h, w, dtype=images.dtype, device=images.device)
+        # Work only on the samples that are corrupted (one small index read per batch, no image copies to host).
+        chosen = corrupt.nonzero().squeeze(1)
+        if chosen.numel() == 0:
+            return images.clone(), mask
+        picked = images.index_select(0, chosen)
         if self.restrict_to_foreground:
-            boxes = foreground_boxes(images)
+            boxes = foreground_boxes(picked)
         else:
-            boxes = _whole_image_boxes(b, h, w, images.device)
-        mask = draw_shape_masks(boxes, h, w, self.max_shapes, gen, self.shapes)
-        mask = (mask * corrupt.view(b, 1, 1, 1)).to(images.dtype)
-        source = remove_dark(images) if self.remove_dark else images
+            boxes = _whole_image_boxes(len(chosen), h, w, images.device)
+        picked_mask = draw_shape_masks(boxes, h, w, self.max_shapes, gen, self.shapes).to(images.dtype)
+        source = remove_dark(picked) if self.remove_dark else picked
         transformed = self._transform(source, gen).clamp(0, 1)
-        return images * (1 - mask) + transformed * mask, mask
+        corrupted = images.index_copy(0, chosen, picked * (1 - picked_mask) + transformed * picked_mask)
+        return corrupted, mask.index_copy(0, chosen, picked_mask)
 
     def _transform(self, x: Tensor, gen: torch.Generator | None) -> Tensor:
-        """One randomly chosen transform of ``self.transforms`` per sample."""
-        b, device = x.shape[0], x.device
-        choice = _randint(torch.zeros(b, dtype=torch.long, device=device),
-                          torch.full((b,), len(self.transforms) - 1, device=device), gen).view(b, 1, 1, 1)
-        out = x
-        for index, name in enumerate(self.transforms):
-            result = getattr(self, f"_{name}")(x, gen)
-            out = result if index == 0 else torch.where(choice == index, result, out)
-        return out
+        """One randomly chosen transform of ``self.transforms`` per sample, computed only where chosen."""
+        choice = torch.randint(len(self.transforms), (x.shape[0],), generator=gen, device=x.device)
+        return _apply_per_choice(x, choice, [getattr(self, f"_{name}") for name in self.transforms], gen)
 
     def _color(self, x: Tensor, gen: torch.Generator | None) -> Tensor:
         """Jitter, grayscale, blur, jitter+grayscale, jitter+blur or grayscale+blur."""
-        b = x.shape[0]
-        zeros = torch.zeros(b, dtype=torch.long, device=x.device)
-        sub = _randint(zeros, zeros + 5, gen).view(b, 1, 1, 1)
-        out = torch.where((sub == 0) | (sub == 3) | (sub == 4), self._jitter(x, gen), x)
-        out = torch.where((sub == 1) | (sub == 3) | (sub == 5), rgb_to_grayscale(out).expand_as(out), out)
-        return torch.where((sub == 2) | (sub >= 4), self._blur(out, gen), out)
+        jitter, blur = self._jitter, self._blur
+
+        def gray(y: Tensor, _: torch.Generator | None) -> Tensor:
+            return rgb_to_grayscale(y).expand_as(y)
+
+        combos = [(jitter,), (gray,), (blur,), (jitter, gray), (jitter, blur), (gray, blur)]
+
+        def chain(ops: tuple) -> Callable[[Tensor, torch.Generator | None], Tensor]:
+            def run(y: Tensor, g: torch.Generator | None) -> Tensor:
+                for op in ops:
+                    y = op(y, g)
+                return y
+
+            return run
+
+        choice = torch.randint(len(combos), (x.shape[0],), generator=gen, device=x.device)
+        return _apply_per_choice(x, choice, [chain(ops) for ops in combos], gen)
 
     def _jitter(self, x: Tensor, gen: torch.Generator | None) -> Tensor:
         """ColorJitter(0.8, 0.8, 0.8, 0.4) with torchvision's semantics and a random op order per sample."""
