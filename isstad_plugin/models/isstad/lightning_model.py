@@ -37,6 +37,7 @@ from .corruption import MVTEC_AD_PRESETS, SyntheticCorruption, preset_for_catego
 from .loss import Stage2Loss, masked_patch_mse
 from .stages import StagePlan, TwoStageSchedule, warmup_cosine_factor
 from .torch_model import IMAGENET_MEAN, IMAGENET_STD, IsstadModel
+from .weights import WeightsNotFoundError, load_weights
 
 logger = logging.getLogger(__name__)
 
@@ -79,6 +80,13 @@ class Isstad(AnomalibModule):
         reconstruction_target: ``input`` (upstream: the corrupted network input) or ``clean`` (the repaired
             image, as the paper's wording suggests).
         score_sigma: Gaussian sigma (pixels) of the fused scoring.
+        weights: Pretrained or reference weights loaded when the first fit/validate/test/predict starts (never
+            in ``__init__``, so construction, ``load_from_checkpoint`` and export stay offline): a local file
+            (official MAE release ``{'model': ...}``, the authors' stage-1 checkpoint or stage-2 ``net_ad.pth``,
+            a timm-style state dict, or one of our Lightning checkpoints), ``timm:<tag>`` (e.g.
+            ``timm:vit_base_patch16_224.mae``, fetched by timm) or ``timm:<tag>@<file>`` (the same from a local
+            file). ``None``: start from scratch. A model restored from a Lightning checkpoint keeps the
+            checkpoint's weights. See :mod:`.weights` and ``docs/pretrained-weights.md``.
         pre_processor: Pre-processor; the default resizes only (normalisation is inside the torch model).
         post_processor: Post-processor (thresholds and normalisation learnt on the validation split).
         evaluator: Evaluator; the default computes image AUROC/F1 and pixel AUROC/F1/AUPRO.
@@ -116,6 +124,7 @@ class Isstad(AnomalibModule):
         ssim_weight: float = 0.1,
         reconstruction_target: ReconstructionTarget = "input",
         score_sigma: float = 4.0,
+        weights: str | None = None,
         pre_processor: nn.Module | bool = True,
         post_processor: nn.Module | bool = True,
         evaluator: Evaluator | bool = True,
@@ -155,6 +164,9 @@ class Isstad(AnomalibModule):
         self.stage_plan = StagePlan(stage1_epochs, stage2_epochs, stage1_warmup_epochs, stage2_cosine_epochs)
         self.stage = 0
         self.enter_stage(self.stage_plan.stage_at(0))
+        # "pending" -> "loaded" (from `weights`) | "checkpoint" (a Lightning checkpoint filled the network)
+        # | "missing" (file absent at setup: only a ckpt_path restore may still provide the network).
+        self._weights_status = "pending"
 
     # ------------------------------------------------------------------ anomalib contract
     @classmethod
@@ -194,6 +206,45 @@ class Isstad(AnomalibModule):
         self._check_datamodule()
         return [*super().configure_callbacks(), TwoStageSchedule()]
 
+    # ------------------------------------------------------------------ weights
+    def setup(self, stage: str) -> None:
+        """Load ``weights`` into the network once, when the first fit/validate/test/predict starts.
+
+        Later calls on the same object, and a model restored by ``load_from_checkpoint``, do not load it again.
+        Lightning restores a ``ckpt_path`` only after ``setup``: a file present then is loaded and overwritten
+        by the checkpoint; a missing file is tolerated until the restore, and the run fails in its first
+        ``on_*_start`` hook if no checkpoint provided the network.
+        """
+        del stage
+        if self.hparams.weights is None or self._weights_status in {"loaded", "checkpoint"}:
+            return
+        try:
+            load_weights(self.model, self.hparams.weights)
+        except WeightsNotFoundError as error:
+            self._weights_status = "missing"
+            self._weights_error = error
+            logger.info("ISSTAD: %s Continuing only if a checkpoint (ckpt_path) provides the network.", error)
+            return
+        self._weights_status = "loaded"
+
+    def _require_network(self) -> None:
+        """Fail when ``weights`` could not be read and no checkpoint was restored instead."""
+        if self._weights_status == "missing":
+            msg = f"{self._weights_error} No Lightning checkpoint was restored in its place."
+            raise FileNotFoundError(msg) from self._weights_error
+
+    def on_validation_start(self) -> None:
+        """Check that the network has its weights (see :meth:`setup`)."""
+        self._require_network()
+
+    def on_test_start(self) -> None:
+        """Check that the network has its weights (see :meth:`setup`)."""
+        self._require_network()
+
+    def on_predict_start(self) -> None:
+        """Check that the network has its weights (see :meth:`setup`)."""
+        self._require_network()
+
     # ------------------------------------------------------------------ stages
     def enter_stage(self, stage: int) -> None:
         """Make ``stage`` current: stage 2 freezes the encoder (no autograd through it), stage 1 trains it."""
@@ -204,7 +255,8 @@ class Isstad(AnomalibModule):
         self.stage = stage
 
     def on_fit_start(self) -> None:
-        """Pick the corruption preset for the datamodule's category and seed the generator per rank."""
+        """Check the weights; pick the corruption preset for the datamodule's category and seed per rank."""
+        self._require_network()
         category = getattr(self.trainer.datamodule, "category", None)
         preset = preset_for_category(category)
         hp = self.hparams
@@ -233,8 +285,12 @@ class Isstad(AnomalibModule):
         checkpoint["isstad_stage_plan"] = self.stage_plan.to_dict()
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        """Resume in the recorded stage and with the recorded plan (so the schedule continues)."""
+        """Resume in the recorded stage and with the recorded plan; the checkpoint's network replaces ``weights``."""
         super().on_load_checkpoint(checkpoint)
+        if self.hparams.weights is not None and self._weights_status != "checkpoint":
+            logger.info("ISSTAD: the Lightning checkpoint provides the network; it replaces weights=%r.",
+                        self.hparams.weights)
+        self._weights_status = "checkpoint"
         if "isstad_stage_plan" in checkpoint:
             self.stage_plan = StagePlan(**checkpoint["isstad_stage_plan"])
             if self._trainer is not None and self.trainer.max_epochs not in {None, -1}:
