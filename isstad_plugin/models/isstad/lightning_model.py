@@ -33,6 +33,8 @@ from timm.optim import param_groups_weight_decay
 from torch import nn
 from torchvision.transforms.v2 import Compose, Normalize, Resize
 
+from isstad_plugin.data_checks import check_dataset
+
 from .corruption import MVTEC_AD_PRESETS, SyntheticCorruption, preset_for_category
 from .loss import Stage2Loss, masked_patch_mse
 from .stages import StagePlan, TwoStageSchedule, warmup_cosine_factor
@@ -42,6 +44,11 @@ from .weights import WeightsNotFoundError, load_weights
 logger = logging.getLogger(__name__)
 
 ReconstructionTarget = Literal["input", "clean"]
+Normalization = Literal["imagenet", "symmetric"]
+NORMALIZATIONS: dict[str, dict[str, tuple[float, float, float]]] = {
+    "imagenet": {"mean": IMAGENET_MEAN, "std": IMAGENET_STD},  # MAE release, timm MAE, authors' stage 1
+    "symmetric": {"mean": (0.5, 0.5, 0.5), "std": (0.5, 0.5, 0.5)},  # [-1, 1]: authors' stage 2 (net_ad.pth)
+}
 
 
 class Isstad(AnomalibModule):
@@ -87,6 +94,9 @@ class Isstad(AnomalibModule):
             ``timm:vit_base_patch16_224.mae``, fetched by timm) or ``timm:<tag>@<file>`` (the same from a local
             file). ``None``: start from scratch. A model restored from a Lightning checkpoint keeps the
             checkpoint's weights. See :mod:`.weights` and ``docs/pretrained-weights.md``.
+        normalization: Input scaling inside the network; must match the weights: ``imagenet`` (ImageNet
+            mean/std: MAE release, timm MAE, the authors' stage 1) or ``symmetric`` (mean = std = 0.5, i.e.
+            [-1, 1]: the authors' stage-2 ``net_ad.pth``).
         pre_processor: Pre-processor; the default resizes only (normalisation is inside the torch model).
         post_processor: Post-processor (thresholds and normalisation learnt on the validation split).
         evaluator: Evaluator; the default computes image AUROC/F1 and pixel AUROC/F1/AUPRO.
@@ -125,12 +135,16 @@ class Isstad(AnomalibModule):
         reconstruction_target: ReconstructionTarget = "input",
         score_sigma: float = 4.0,
         weights: str | None = None,
+        normalization: Normalization = "imagenet",
         pre_processor: nn.Module | bool = True,
         post_processor: nn.Module | bool = True,
         evaluator: Evaluator | bool = True,
         visualizer: Visualizer | bool = True,
     ) -> None:
         _check_arguments(stage1_epochs, stage2_epochs, mask_ratio, reconstruction_target, image_size, patch_size)
+        if normalization not in NORMALIZATIONS:
+            msg = f"normalization must be one of {sorted(NORMALIZATIONS)}, got {normalization!r}."
+            raise ValueError(msg)
         if pre_processor is True:
             pre_processor = self.configure_pre_processor((image_size, image_size))
         super().__init__(
@@ -147,6 +161,7 @@ class Isstad(AnomalibModule):
             decoder_depth=decoder_depth,
             decoder_num_heads=decoder_num_heads,
             score_sigma=score_sigma,
+            **NORMALIZATIONS[normalization],
         )
         self.loss = Stage2Loss(ce_class_weights, mse_weight, ssim_weight)
         self.stage1_augmentation = nn.Sequential(
@@ -190,6 +205,15 @@ class Isstad(AnomalibModule):
     def configure_post_processor(cls) -> PostProcessor:
         """anomalib's default post-processor (F1-adaptive thresholds, min-max normalisation)."""
         return PostProcessor()
+
+    def to_onnx(self, export_root: Path | str, model_file_name: str = "model",
+                input_size: tuple[int, int] | None = None, **kwargs) -> Path:
+        """Export with a fixed spatial size (the training size unless given) and a dynamic batch.
+
+        The network's position embeddings are built for ``image_size``; the graph holds the resize to it.
+        """
+        size = tuple(input_size) if input_size is not None else (self.hparams.image_size,) * 2
+        return super().to_onnx(export_root, model_file_name, size, **kwargs)
 
     @property
     def learning_type(self) -> LearningType:
@@ -238,8 +262,9 @@ class Isstad(AnomalibModule):
         self._require_network()
 
     def on_test_start(self) -> None:
-        """Check that the network has its weights (see :meth:`setup`)."""
+        """Check that the network has its weights (see :meth:`setup`) and the test files."""
         self._require_network()
+        self._check_data("test")
 
     def on_predict_start(self) -> None:
         """Check that the network has its weights (see :meth:`setup`)."""
@@ -257,6 +282,7 @@ class Isstad(AnomalibModule):
     def on_fit_start(self) -> None:
         """Check the weights; pick the corruption preset for the datamodule's category and seed per rank."""
         self._require_network()
+        self._check_data("train", "val")
         category = getattr(self.trainer.datamodule, "category", None)
         preset = preset_for_category(category)
         hp = self.hparams
@@ -267,6 +293,8 @@ class Isstad(AnomalibModule):
         self.corruption.remove_dark = hp.remove_dark if hp.remove_dark is not None else preset.remove_dark
         if hp.corruption_seed is not None:
             self.corruption.reseed(hp.corruption_seed + self.global_rank)
+        elif self.trainer.world_size > 1:  # same global seed on every rank: give each rank its own stream
+            self.corruption.reseed(torch.initial_seed() + self.global_rank)
         source = f"MVTec AD preset for {category!r}" if category in MVTEC_AD_PRESETS else "defaults"
         logger.info(
             "ISSTAD corruption (%s, config overrides applied): max_shapes=%d, restrict_to_foreground=%s, "
@@ -286,6 +314,7 @@ class Isstad(AnomalibModule):
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         """Resume in the recorded stage and with the recorded plan; the checkpoint's network replaces ``weights``."""
+        _check_is_isstad_checkpoint(checkpoint)
         super().on_load_checkpoint(checkpoint)
         if self.hparams.weights is not None and self._weights_status != "checkpoint":
             logger.info("ISSTAD: the Lightning checkpoint provides the network; it replaces weights=%r.",
@@ -343,6 +372,7 @@ class Isstad(AnomalibModule):
                 images = self.stage1_augmentation(images)
             output = self.model(images, mask_ratio=self.hparams.mask_ratio)
             loss = masked_patch_mse(*output)
+            self._check_finite(loss, "stage-1 masked reconstruction loss")
             self.log("train_loss", loss, on_step=True, on_epoch=True, prog_bar=True, batch_size=len(images))
             self.log("stage", 1.0, on_step=False, on_epoch=True, batch_size=len(images))
             return {"loss": loss}
@@ -358,6 +388,7 @@ class Isstad(AnomalibModule):
             self.model.denormalize(output.reconstruction),
             target_01,
         )
+        self._check_finite(terms.total, "stage-2 loss (CE + MSE + SSIM)")
         size = len(images)
         self.log("train_loss", terms.total, on_step=True, on_epoch=True, prog_bar=True, batch_size=size)
         self.log_dict(
@@ -375,6 +406,25 @@ class Isstad(AnomalibModule):
         return batch.update(**self.model(batch.image)._asdict())
 
     # ------------------------------------------------------------------ checks
+    def _check_finite(self, loss: torch.Tensor, what: str) -> None:
+        """Stop training on a NaN or infinite loss, naming the step and the likely causes."""
+        if not torch.isfinite(loss):
+            msg = (
+                f"ISSTAD: the {what} is {loss.item()} at global step {self.global_step} (epoch "
+                f"{self.current_epoch}, stage {self.stage}). Likely causes: a learning rate too high for this "
+                "batch size (lower stage1_base_lr / stage2_lr), images with NaN/inf values, or fp16 overflow "
+                "(use bf16-mixed or 32-true precision)."
+            )
+            raise FloatingPointError(msg)
+
+    def _check_data(self, *splits: str) -> None:
+        """Check every file of the named splits once per run, before the first batch (see data_checks)."""
+        datamodule = self.trainer.datamodule
+        for split in splits:
+            dataset = getattr(datamodule, f"{split}_data", None)
+            if dataset is not None and self.global_rank == 0:
+                check_dataset(dataset, split)
+
     def on_train_start(self) -> None:
         """Corruption needs [0, 1] images: refuse a pre-processor that normalises."""
         transform = getattr(self.pre_processor, "transform", None)
@@ -405,6 +455,21 @@ class Isstad(AnomalibModule):
             "(<root>/<category>/train/good, test/<defect>, ground_truth/<defect>)."
         )
         raise FileNotFoundError(msg)
+
+
+def _check_is_isstad_checkpoint(checkpoint: dict[str, Any]) -> None:
+    """Refuse a Lightning checkpoint written by another model, saying which one it looks like."""
+    state = checkpoint.get("state_dict", {})
+    if any(key.startswith("model.patch_embed.") for key in state):
+        return
+    prefixes = sorted({".".join(key.split(".")[:2]) for key in state})[:6]
+    hyper = sorted(checkpoint.get("hyper_parameters", {}))[:8]
+    msg = (
+        "This checkpoint was not written by Isstad: its network has no ISSTAD encoder (state keys start with "
+        f"{prefixes}; hyper-parameters {hyper}). Pass the checkpoint to the model that trained it, or use "
+        "--model.weights for MAE/ISSTAD weight files."
+    )
+    raise ValueError(msg)
 
 
 def _flatten(transform: nn.Module) -> list[nn.Module]:

@@ -15,6 +15,7 @@ from dataclasses import asdict, dataclass
 from typing import TYPE_CHECKING
 
 from lightning.pytorch import Callback, LightningModule, Trainer
+from lightning.pytorch.strategies import DDPStrategy
 
 if TYPE_CHECKING:
     from .lightning_model import Isstad
@@ -101,6 +102,10 @@ class TwoStageSchedule(Callback):
         """Plan the stages (fit only) and cap ``max_epochs`` at the plan's end."""
         if stage != "fit":
             return
+        if isinstance(trainer.strategy, DDPStrategy):
+            # Stage 1 leaves the pixel-status head unused and stage 2 freezes the encoder: DDP must accept
+            # parameters that get no gradient (set before the strategy wraps the model).
+            trainer.strategy._ddp_kwargs.setdefault("find_unused_parameters", True)  # noqa: SLF001
         model: Isstad = pl_module  # type: ignore[assignment]
         budget = trainer.max_epochs
         if budget == LIGHTNING_DEFAULT_MAX_EPOCHS and trainer.max_steps == -1:
