@@ -62,8 +62,8 @@ def test_test_predict_and_export_commands(trained_checkpoint: Path, tile_root: P
         "--default_root_dir", tmp_path / "predict")
     assert len(list((tmp_path / "predict").rglob("images/**/*.png"))) == 3
     run(BIN / "anomalib", "export", "--model", "isstad", *MODEL_FLAGS, "--ckpt_path", trained_checkpoint,
-        "--export_type", "torch", "--default_root_dir", tmp_path / "export")
-    assert (tmp_path / "export" / "weights" / "torch" / "model.pt").is_file()
+        "--export_type", "openvino", "--default_root_dir", tmp_path / "export")
+    assert (tmp_path / "export" / "weights" / "openvino" / "model.xml").is_file()
 
 
 def test_configs_parse_as_anomalib_configs() -> None:

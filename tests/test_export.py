@@ -1,0 +1,103 @@
+"""Exported ISSTAD (ONNX Runtime, OpenVINO FP32/FP16) matches torch eval on real images; deployment helpers work."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from anomalib.data import MVTecAD
+from anomalib.deploy import ExportType, OpenVINOInferencer
+from anomalib.engine import Engine
+
+from isstad_plugin import Isstad
+from isstad_plugin.deploy import predict_paths, prepare, read_rgb
+
+# FP16 weights (OpenVINO's compress_to_fp16, which is what anomalib's CompressionType.FP16 does) change the
+# outputs by about 1e-3 of their range: measured 1.0e-3 (scores) and 8e-4 (maps) for vit_tiny at 224 px on 20
+# magnetic_tile test images (docs/deployment.md); the tolerance leaves 10x room.
+FP16_RTOL = 1e-2
+OUTPUTS = ("pred_score", "anomaly_map")
+
+
+@pytest.fixture(scope="module")
+def exported(tile_root: Path, tmp_path_factory: pytest.TempPathFactory) -> dict:
+    """A tiny ISSTAD trained for one stage-2 epoch on the real slice, exported to ONNX and OpenVINO."""
+    out = tmp_path_factory.mktemp("export")
+    torch.manual_seed(0)
+    model = Isstad(backbone="vit_tiny", image_size=64, decoder_embed_dim=64, decoder_depth=2, decoder_num_heads=4,
+                   stage1_epochs=0, stage2_epochs=1)
+    datamodule = MVTecAD(root=tile_root, category="magnetic_tile", train_batch_size=8, eval_batch_size=8,
+                         num_workers=0)
+    engine = Engine(default_root_dir=out, accelerator="cpu", devices=1, logger=False, enable_progress_bar=False)
+    engine.fit(model=model, datamodule=datamodule)
+    onnx_path = engine.export(model=model, export_type=ExportType.ONNX, export_root=out)
+    ir_path = engine.export(model=model, export_type=ExportType.OPENVINO, export_root=out)
+    files = sorted((tile_root / "magnetic_tile" / "test").rglob("*.png"))
+    images = np.concatenate([prepare(read_rgb(f), (64, 64)) for f in files])
+    with torch.no_grad():
+        reference = model.eval()(torch.from_numpy(images))
+    return {"model": model, "onnx": onnx_path, "ir": ir_path, "images": images, "files": files,
+            "reference": {k: getattr(reference, k).numpy() for k in (*OUTPUTS, "pred_label", "pred_mask")},
+            "root": out}
+
+
+def assert_matches(outputs: dict, reference: dict, rtol: float) -> None:
+    for key in OUTPUTS:
+        scale = np.abs(reference[key]).max()
+        np.testing.assert_allclose(outputs[key].reshape(reference[key].shape), reference[key], rtol=0,
+                                   atol=rtol * scale, err_msg=key)
+
+
+def test_exported_graph_has_fixed_size_and_dynamic_batch(exported: dict) -> None:
+    import onnxruntime as ort
+
+    session = ort.InferenceSession(str(exported["onnx"]), providers=["CPUExecutionProvider"])
+    assert session.get_inputs()[0].shape == ["batch_size", 3, 64, 64]
+    assert [o.name for o in session.get_outputs()] == ["pred_score", "pred_label", "anomaly_map", "pred_mask"]
+
+
+def test_onnx_runtime_matches_torch(exported: dict) -> None:
+    import onnxruntime as ort
+
+    session = ort.InferenceSession(str(exported["onnx"]), providers=["CPUExecutionProvider"])
+    names = [o.name for o in session.get_outputs()]
+    outputs = dict(zip(names, session.run(None, {"input": exported["images"]}), strict=True))
+    assert_matches(outputs, exported["reference"], rtol=1e-4)
+    np.testing.assert_array_equal(outputs["pred_label"], exported["reference"]["pred_label"])
+
+
+def test_openvino_fp32_and_fp16_match_torch(exported: dict, tmp_path: Path) -> None:
+    import openvino as ov
+
+    core = ov.Core()
+    fp16_path = tmp_path / "fp16.xml"
+    ov.save_model(core.read_model(exported["ir"]), fp16_path, compress_to_fp16=True)
+    for path, rtol in ((exported["ir"], 1e-4), (fp16_path, FP16_RTOL)):
+        compiled = core.compile_model(path, "CPU", {"INFERENCE_PRECISION_HINT": "f32"})
+        result = compiled(exported["images"])
+        outputs = {o.any_name: result[o] for o in compiled.outputs}
+        assert_matches(outputs, exported["reference"], rtol=rtol)
+        if rtol == 1e-4:
+            np.testing.assert_array_equal(outputs["pred_label"], exported["reference"]["pred_label"])
+
+
+def test_openvino_inferencer_predicts_files_and_writes_overlays(exported: dict, tmp_path: Path) -> None:
+    inferencer = OpenVINOInferencer(exported["ir"], device="CPU")
+    single = inferencer.predict(exported["images"][:1])
+    np.testing.assert_allclose(single.pred_score.reshape(-1), exported["reference"]["pred_score"][:1], rtol=1e-4)
+
+    folder = exported["files"][0].parent.parent  # test/ with good and defect sub-folders
+    rows = predict_paths(exported["ir"], [folder], tmp_path / "overlays")
+    assert len(rows) == len(exported["files"])
+    scores = {Path(row["image"]): row["pred_score"] for row in rows}
+    for index, path in enumerate(exported["files"]):
+        assert scores[path] == pytest.approx(float(exported["reference"]["pred_score"][index]), rel=1e-4)
+    assert (tmp_path / "overlays" / "predictions.csv").is_file()
+    assert len(list((tmp_path / "overlays").glob("*.png"))) == len(rows)
+
+
+def test_predict_names_a_missing_input(exported: dict, tmp_path: Path) -> None:
+    with pytest.raises(FileNotFoundError, match="nowhere"):
+        predict_paths(exported["ir"], [tmp_path / "nowhere"], tmp_path / "out")
