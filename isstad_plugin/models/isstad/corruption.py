@@ -316,6 +316,10 @@ class SyntheticCorruption(torch.nn.Module):
             ``(corrupted [B, 3, H, W] in [0, 1], mask [B, 1, H, W] in {0, 1})``, the mask in the images' dtype.
         """
         _check_images(images)
+        with torch.autocast(images.device.type, enabled=False):  # exact pixel arithmetic under mixed precision
+            return self._corrupt(images)
+
+    def _corrupt(self, images: Tensor) -> tuple[Tensor, Tensor]:
         b, _, h, w = images.shape
         gen = self._generator(images.device)
         corrupt = torch.rand(b, generator=gen, device=images.device) < self.probability
