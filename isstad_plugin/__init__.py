@@ -6,10 +6,10 @@ Importing this package registers :class:`Isstad` as a direct subclass of
 automatically whenever anomalib's model package is imported).
 """
 
-from .models import Isstad
+from .models import Cutpaste, Isstad
 from .registration import register_with_anomalib
 
 register_with_anomalib()
 
-__all__ = ["Isstad"]
+__all__ = ["Cutpaste", "Isstad"]
 __version__ = "0.1.0"

@@ -17,7 +17,12 @@ from __future__ import annotations
 
 from typing import Any
 
-PLUGIN_MODULES = ("isstad_plugin", "isstad_plugin.models", "isstad_plugin.models.isstad")
+PLUGIN_MODULES = (
+    "isstad_plugin",
+    "isstad_plugin.models",
+    "isstad_plugin.models.isstad",
+    "isstad_plugin.models.cutpaste",
+)
 
 
 def register_with_anomalib() -> None:

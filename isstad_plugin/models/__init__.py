@@ -1,5 +1,6 @@
 """Models shipped by isstad-plugin."""
 
+from .cutpaste import Cutpaste
 from .isstad import Isstad
 
-__all__ = ["Isstad"]
+__all__ = ["Cutpaste", "Isstad"]

@@ -1,0 +1,331 @@
+"""CutPaste as an anomalib model: 3-way self-supervised training, Gaussian density scoring at test time.
+
+Training classifies every image, its CutPaste copy and its scar copy (and, for localisation, the same on one
+random ``patch_size`` crop per image). When training ends, a Gaussian is fitted on the backbone embeddings of all
+training images (no augmentation) and another on the embeddings of all their patches; the Mahalanobis
+distances are the image score and the anomaly map.
+
+Epoch budget: the trainer's ``max_epochs`` governs and the cosine schedule spans it. When the trainer was given
+no epoch or step budget (Lightning's default of 1000 epochs), the model's ``max_epochs`` is used instead.
+
+Example:
+    >>> from anomalib.data import MVTecAD
+    >>> from anomalib.engine import Engine
+    >>> from isstad_plugin import Cutpaste
+    >>> model = Cutpaste(pretrained=False, image_size=128, patch_size=32, patch_stride=8, max_epochs=10)
+    >>> Engine().train(model=model, datamodule=MVTecAD(root="datasets/MVTecAD", category="bottle"))
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+from typing import Any
+
+import torch
+import torch.nn.functional as F  # noqa: N812
+from anomalib import LearningType
+from anomalib.data import Batch
+from anomalib.metrics import AUPRO, AUROC, Evaluator, F1Score
+from anomalib.models.components import AnomalibModule
+from anomalib.post_processing import PostProcessor
+from anomalib.pre_processing import PreProcessor
+from anomalib.visualization import Visualizer
+from lightning.pytorch.trainer.states import TrainerFn
+from lightning.pytorch.utilities.types import STEP_OUTPUT
+from torch import nn
+from torch.utils.data import DataLoader
+from torchvision.transforms.v2 import Compose, Normalize, Resize
+
+from .augmentation import PAPER_SIZE, CutPaste, random_crops
+from .torch_model import PAPER_HEAD, CutpasteModel
+
+logger = logging.getLogger(__name__)
+
+LIGHTNING_DEFAULT_MAX_EPOCHS = 1000
+
+
+class Cutpaste(AnomalibModule):
+    """CutPaste: self-supervised learning for anomaly detection and localisation (Li et al., CVPR 2021).
+
+    Defaults are the paper's setting (ResNet-18 from ImageNet, 256 px, 32 px patches at stride 4, SGD 0.03).
+
+    Args:
+        backbone: timm CNN name (``resnet18`` in the paper).
+        pretrained: start from timm's ImageNet weights (downloaded from the Hub when training starts).
+        backbone_weights: local timm weights file to start from instead (offline); overrides ``pretrained``.
+        head_layers: widths of the MLP projection head (``Linear, BatchNorm, ReLU`` each).
+        image_size: square side the pre-processor resizes to.
+        patch_size: side of the patches of the patch-level task and of the anomaly map, in input pixels.
+        patch_stride: step between the patches scored for the anomaly map.
+        patch_loss_weight: weight of the patch-level 3-way loss (0: image-level training only).
+        jitter: colour-jitter strength of the pasted rectangles.
+        augmentation_seed: seed of the CutPaste generator; ``None`` follows the global seed.
+        lr: SGD learning rate (cosine-annealed to 0 over the run).
+        momentum: SGD momentum.
+        weight_decay: SGD weight decay.
+        max_epochs: epochs used when the trainer was given no budget (see the module docstring).
+        score_sigma: Gaussian sigma (pixels) of the anomaly-map smoothing.
+        pre_processor: Pre-processor; the default resizes only (normalisation is inside the torch model).
+        post_processor: Post-processor (thresholds and normalisation learnt on the validation split).
+        evaluator: Evaluator; the default computes image AUROC/F1 and pixel AUROC/F1/AUPRO.
+        visualizer: Visualizer.
+    """
+
+    def __init__(
+        self,
+        backbone: str = "resnet18",
+        pretrained: bool = True,
+        backbone_weights: str | None = None,
+        head_layers: tuple[int, ...] = PAPER_HEAD,
+        image_size: int = 256,
+        patch_size: int = 32,
+        patch_stride: int = 4,
+        patch_loss_weight: float = 1.0,
+        jitter: float = 0.1,
+        augmentation_seed: int | None = None,
+        lr: float = 0.03,
+        momentum: float = 0.9,
+        weight_decay: float = 3e-5,
+        max_epochs: int = 256,
+        score_sigma: float = 4.0,
+        pre_processor: nn.Module | bool = True,
+        post_processor: nn.Module | bool = True,
+        evaluator: Evaluator | bool = True,
+        visualizer: Visualizer | bool = True,
+    ) -> None:
+        if not 0 < patch_size <= image_size:
+            raise ValueError(f"patch_size must be in [1, image_size={image_size}], got {patch_size}")
+        if max_epochs < 1:
+            raise ValueError(f"max_epochs must be >= 1, got {max_epochs}")
+        if pre_processor is True:
+            pre_processor = self.configure_pre_processor((image_size, image_size))
+        super().__init__(
+            pre_processor=pre_processor,
+            post_processor=post_processor,
+            evaluator=evaluator,
+            visualizer=visualizer,
+        )
+        self.model = CutpasteModel(
+            backbone=backbone,
+            head_layers=tuple(head_layers),
+            patch_size=patch_size,
+            patch_stride=patch_stride,
+            score_sigma=score_sigma,
+        )
+        self.augmentation = CutPaste(jitter=jitter, seed=augmentation_seed)
+        self._backbone_initialised = False
+        self._density_stale = False  # True once training changed the weights the Gaussians were fitted with
+        self._score_validation = True
+
+    # ------------------------------------------------------------------ anomalib contract
+    @classmethod
+    def configure_pre_processor(cls, image_size: tuple[int, int] | None = None) -> PreProcessor:
+        """Resize only: CutPaste works on [0, 1] images and the torch model normalises itself."""
+        return PreProcessor(transform=Compose([Resize(image_size or (PAPER_SIZE, PAPER_SIZE), antialias=True)]))
+
+    @staticmethod
+    def configure_evaluator() -> Evaluator:
+        """Image AUROC and F1; pixel AUROC, F1 and AUPRO."""
+        test_metrics = [
+            AUROC(fields=["pred_score", "gt_label"], prefix="image_"),
+            F1Score(fields=["pred_label", "gt_label"], prefix="image_"),
+            AUROC(fields=["anomaly_map", "gt_mask"], prefix="pixel_", strict=False),
+            F1Score(fields=["pred_mask", "gt_mask"], prefix="pixel_", strict=False),
+            AUPRO(fields=["anomaly_map", "gt_mask"], prefix="pixel_", strict=False),
+        ]
+        return Evaluator(test_metrics=test_metrics)
+
+    @classmethod
+    def configure_post_processor(cls) -> PostProcessor:
+        """anomalib's default post-processor (F1-adaptive thresholds, min-max normalisation)."""
+        return PostProcessor()
+
+    @property
+    def learning_type(self) -> LearningType:
+        """CutPaste learns from normal images only."""
+        return LearningType.ONE_CLASS
+
+    @property
+    def trainer_arguments(self) -> dict[str, Any]:
+        """No sanity validation (the Gaussians are fitted when training ends); the epoch budget stays the user's."""
+        return {"num_sanity_val_steps": 0}
+
+    # ------------------------------------------------------------------ set-up
+    def setup(self, stage: str) -> None:
+        """Without an epoch or step budget from the user, train for the model's ``max_epochs``.
+
+        Runs before ``configure_optimizers``, so the cosine schedule spans the budget actually used.
+        """
+        trainer = self.trainer
+        if stage == "fit" and trainer.max_epochs == LIGHTNING_DEFAULT_MAX_EPOCHS and trainer.max_steps == -1:
+            logger.info("No max_epochs given to the trainer: CutPaste trains for max_epochs=%d.",
+                        self.hparams.max_epochs)
+            trainer.fit_loop.max_epochs = self.hparams.max_epochs
+
+    def on_fit_start(self) -> None:
+        """Load the backbone's starting weights (not when resuming), check the pre-processor, seed the generator."""
+        transform = getattr(self.pre_processor, "transform", None)
+        if transform is not None and any(isinstance(t, Normalize) for t in _flatten(transform)):
+            msg = ("Cutpaste normalises inside its torch model (CutPaste works on [0, 1] images); "
+                   "remove Normalize from the pre_processor transform.")
+            raise ValueError(msg)
+        if not self._backbone_initialised and self.trainer.ckpt_path is None:
+            hp = self.hparams
+            if self.model.load_backbone_weights(hp.pretrained, hp.backbone_weights):
+                logger.info("CutPaste backbone %s initialised from %s.", hp.backbone,
+                            hp.backbone_weights or "timm's pretrained weights")
+        self._backbone_initialised = True
+        if self.hparams.augmentation_seed is not None:
+            self.augmentation.reseed(self.hparams.augmentation_seed + self.global_rank)
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        """A model restored from a checkpoint keeps its weights when trained further."""
+        super().on_load_checkpoint(checkpoint)
+        self._backbone_initialised = True
+
+    # ------------------------------------------------------------------ optimisation
+    def configure_optimizers(self) -> dict[str, Any]:
+        """SGD with momentum, cosine-annealed per step to 0 over the whole run."""
+        hp = self.hparams
+        optimizer = torch.optim.SGD(self.model.parameters(), lr=hp.lr, momentum=hp.momentum,
+                                    weight_decay=hp.weight_decay)
+        total_steps = max(1, int(self.trainer.estimated_stepping_batches))
+        scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=total_steps)
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+    # ------------------------------------------------------------------ steps
+    def training_step(self, batch: Batch, *args, **kwargs) -> STEP_OUTPUT:
+        """3-way cross-entropy on the images and, weighted by ``patch_loss_weight``, on one crop per image."""
+        del args, kwargs
+        images = batch.image
+        augmented, labels = self.augmentation(images)
+        loss = F.cross_entropy(self.model(augmented).logits, labels)
+        size = len(images)
+        logs = {"train_image_ce": loss}
+        if self.hparams.patch_loss_weight > 0:
+            scale = min(images.shape[-2:]) / PAPER_SIZE  # scars keep their size relative to the full image
+            crops = random_crops(images, self.hparams.patch_size, self.augmentation.generator(images.device))
+            augmented, labels = self.augmentation(crops, scale=scale)
+            patch_loss = F.cross_entropy(self.model(augmented).logits, labels)
+            logs["train_patch_ce"] = patch_loss
+            loss = loss + self.hparams.patch_loss_weight * patch_loss
+        self.log("train_loss", loss, on_step=True, on_epoch=True, prog_bar=True, batch_size=size)
+        self.log_dict(logs, on_step=False, on_epoch=True, batch_size=size)
+        return {"loss": loss}
+
+    def validation_step(self, batch: Batch, *args, **kwargs) -> STEP_OUTPUT:
+        """Score the batch (anomaly maps and image scores) for thresholds and metrics.
+
+        While fitting, only the last epoch's validation is scored: the Gaussians are fitted once, when training
+        ends, so earlier scores would mean nothing (and dense patch scoring is the costliest step of the method).
+        A skipped batch returns ``None``, which anomalib's post-processor ignores.
+        """
+        del args, kwargs
+        if not self._score_validation:
+            return None
+        return batch.update(**self.model(batch.image)._asdict())
+
+    # ------------------------------------------------------------------ Gaussian density estimation
+    def on_train_batch_end(self, *args, **kwargs) -> None:
+        """The Gaussians describe the weights they were fitted with: a training step makes them stale."""
+        del args, kwargs
+        self._density_stale = True
+
+    def on_validation_start(self) -> None:
+        """Fit the Gaussians before the last epoch's validation (the post-processor learns its thresholds there).
+
+        Earlier validations while fitting are skipped (see :meth:`validation_step`); a stand-alone ``validate``
+        fits the Gaussians first if they never were.
+        """
+        fitting = self.trainer.state.fn == TrainerFn.FITTING
+        self._score_validation = not fitting or self._last_training_epoch()
+        if fitting:
+            if self._score_validation and self._density_stale:
+                self.fit_density()
+        elif not self.model.image_density.fitted:
+            self.fit_density()
+
+    def on_train_end(self) -> None:
+        """Fit the Gaussians if training stopped without validating its final weights (early stop, no val split)."""
+        if self._density_stale:
+            logger.warning("CutPaste training ended without validating its final weights: fitting the Gaussians "
+                           "now. The post-processor has not learnt thresholds on them; run a validation (e.g. "
+                           "engine.validate) before testing for meaningful F1 scores and normalised outputs.")
+            self.fit_density()
+
+    def on_test_start(self) -> None:
+        """A model that was never fitted (e.g. trained without validation) is fitted on the training split."""
+        if not self.model.image_density.fitted:
+            self.fit_density()
+
+    def on_predict_start(self) -> None:
+        """As :meth:`on_test_start`, when a training split is available."""
+        if not self.model.image_density.fitted:
+            self.fit_density()
+
+    @torch.no_grad()
+    def fit_density(self, dataloader: DataLoader | None = None) -> None:
+        """Fit the image- and patch-level Gaussians on every training image, pre-processed, without augmentation.
+
+        Args:
+            dataloader: batches of normal images (``batch.image`` in [0, 1]); default: the datamodule's training
+                split in order, its augmentations switched off.
+        """
+        dataloader = dataloader or self._plain_train_dataloader()
+        if dataloader is None:
+            msg = ("CutPaste's Gaussians are not fitted and no training data is attached: train the model, or pass a "
+                   "datamodule with a training split, or call fit_density(dataloader).")
+            raise RuntimeError(msg)
+        transform = getattr(self.pre_processor, "transform", None)
+        was_training = self.model.training
+        self.model.eval()
+        self.model.image_density.reset()
+        self.model.patch_density.reset()
+        for batch in dataloader:
+            images = batch.image.to(self.device)
+            images = transform(images) if transform is not None else images
+            self.model.image_density.update(self.model.embed(images))
+            patch_embeddings = self.model.patch_embeddings(images)
+            self.model.patch_density.update(patch_embeddings.flatten(0, 2))
+        image_fit = self.model.image_density.compute()
+        patch_fit = self.model.patch_density.compute()
+        logger.info("CutPaste Gaussians fitted on %d images (%d patches); Ledoit-Wolf shrinkage %.4f (image), "
+                    "%.4f (patch).", self.model.image_density._count, self.model.patch_density._count,
+                    float(image_fit.shrinkage), float(patch_fit.shrinkage))
+        self.model.image_density.reset()
+        self.model.patch_density.reset()
+        self.model.train(was_training)
+        self._density_stale = False
+
+    def _plain_train_dataloader(self) -> DataLoader | None:
+        datamodule = getattr(self._trainer, "datamodule", None) if self._trainer is not None else None
+        dataset = getattr(datamodule, "train_data", None)
+        if dataset is None and datamodule is not None:
+            try:
+                datamodule.setup("fit")
+            except Exception:  # noqa: BLE001  (a predict-only datamodule has no training split)
+                return None
+            dataset = getattr(datamodule, "train_data", None)
+        if dataset is None:
+            return None
+        dataset = copy.copy(dataset)
+        dataset.augmentations = None
+        return DataLoader(dataset, batch_size=getattr(datamodule, "eval_batch_size", 32), shuffle=False,
+                          num_workers=getattr(datamodule, "num_workers", 0), collate_fn=dataset.collate_fn)
+
+    def _last_training_epoch(self) -> bool:
+        trainer = self.trainer
+        if trainer.max_epochs not in {None, -1} and trainer.current_epoch + 1 >= trainer.max_epochs:
+            return True
+        return trainer.max_steps != -1 and trainer.global_step >= trainer.max_steps
+
+
+def _flatten(transform: nn.Module) -> list[nn.Module]:
+    children = getattr(transform, "transforms", None)
+    if not children:
+        return [transform]
+    return [leaf for child in children for leaf in _flatten(child)]
+
+
+__all__ = ["Cutpaste"]

@@ -1,0 +1,97 @@
+"""Cutpaste through the real anomalib Engine: epoch budget, cosine schedule, weights at fit start, GDE fit."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import timm
+import torch
+from anomalib import LearningType
+from anomalib.data import MVTecAD
+from anomalib.engine import Engine
+from anomalib.models.components import AnomalibModule
+from lightning.pytorch import Callback, seed_everything
+from safetensors.torch import save_file
+from torch.utils.data import DataLoader
+
+from isstad_plugin import Cutpaste
+
+TINY = {"pretrained": False, "image_size": 64, "patch_size": 16, "patch_stride": 8, "score_sigma": 2.0,
+        "head_layers": (64, 32)}
+
+
+def datamodule(root: Path) -> MVTecAD:
+    return MVTecAD(root=root, category="magnetic_tile", train_batch_size=8, eval_batch_size=8, num_workers=0)
+
+
+class Recorder(Callback):
+    """Learning rate per batch, and the backbone's first conv weights when training starts."""
+
+    def __init__(self) -> None:
+        self.lrs: list[float] = []
+        self.conv1_at_start: torch.Tensor | None = None
+
+    def on_train_start(self, trainer, pl_module) -> None:  # noqa: ANN001
+        self.conv1_at_start = pl_module.model.backbone.conv1.weight.detach().clone()
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:  # noqa: ANN001
+        self.lrs.append(trainer.optimizers[0].param_groups[0]["lr"])
+
+
+def test_is_a_direct_one_class_anomalib_module() -> None:
+    assert Cutpaste.__bases__ == (AnomalibModule,)
+    assert Cutpaste(**TINY).learning_type == LearningType.ONE_CLASS
+
+
+def test_budget_weights_and_gaussians_through_the_engine(tile_root: Path, tmp_path: Path) -> None:
+    """No trainer budget: the model's max_epochs; weights file loaded at fit start; GDE on all training images."""
+    torch.manual_seed(3)
+    reference = timm.create_model("resnet18", pretrained=False, num_classes=0)
+    weights = tmp_path / "resnet18.safetensors"
+    save_file(reference.state_dict(), str(weights))
+    seed_everything(0)
+    model = Cutpaste(**TINY, backbone_weights=str(weights), max_epochs=2, augmentation_seed=0)
+    assert not torch.equal(model.model.backbone.conv1.weight, reference.conv1.weight)  # not in __init__
+    recorder = Recorder()
+    engine = Engine(default_root_dir=tmp_path, accelerator="cpu", devices=1, logger=False,
+                    enable_progress_bar=False, callbacks=[recorder], limit_train_batches=1,
+                    limit_val_batches=1)
+    engine.fit(model=model, datamodule=datamodule(tile_root))
+
+    assert engine.trainer.current_epoch == 2  # Lightning's 1000-epoch default replaced by the model's 2
+    torch.testing.assert_close(recorder.conv1_at_start, reference.conv1.weight, rtol=0, atol=0)
+    # one cosine over the 2 steps actually run: 0.03, then 0.03 * (1 + cos(pi / 2)) / 2
+    assert recorder.lrs == pytest.approx([0.03, 0.015])
+    assert engine.trainer.lr_scheduler_configs[0].scheduler.T_max == 2
+
+    # the Gaussians: every training image (16), pre-processed (64 px), no augmentation, final weights
+    assert bool(model.model.image_density.fitted) and bool(model.model.patch_density.fitted)
+    dm = datamodule(tile_root)
+    dm.setup()
+    assert len(dm.train_data) == 16
+    loader = DataLoader(dm.train_data, batch_size=8, collate_fn=dm.train_data.collate_fn)  # as anomalib batches
+    model.model.eval()
+    with torch.no_grad():
+        images = [model.pre_processor.transform(batch.image) for batch in loader]
+        embeddings = torch.cat([model.model.embed(batch) for batch in images]).double()
+        patch_count = model.model.patch_embeddings(images[0]).shape[1:3].numel()
+    torch.testing.assert_close(model.model.image_density.mean.double(), embeddings.mean(0), rtol=1e-5, atol=1e-6)
+    assert patch_count == 49
+
+    # the fit is in the checkpoint
+    state = model.state_dict()
+    assert {"model.image_density.mean", "model.image_density.whitening", "model.patch_density.mean"} <= set(state)
+
+
+def test_an_explicit_shorter_trainer_budget_is_kept(tile_root: Path, tmp_path: Path) -> None:
+    model = Cutpaste(**TINY, max_epochs=5)
+    recorder = Recorder()
+    engine = Engine(default_root_dir=tmp_path, accelerator="cpu", devices=1, logger=False,
+                    enable_progress_bar=False, callbacks=[recorder], max_epochs=1, limit_train_batches=2,
+                    limit_val_batches=1)
+    engine.fit(model=model, datamodule=datamodule(tile_root))
+    assert engine.trainer.current_epoch == 1
+    assert engine.trainer.lr_scheduler_configs[0].scheduler.T_max == 2  # the schedule spans the 1 epoch run
+    assert len(recorder.lrs) == 2
+    assert bool(model.model.image_density.fitted)
