@@ -213,6 +213,7 @@ class Isstad(AnomalibModule):
         The network's position embeddings are built for ``image_size``; the graph holds the resize to it.
         """
         size = tuple(input_size) if input_size is not None else (self.hparams.image_size,) * 2
+        kwargs.setdefault("opset_version", 18)  # the dynamo exporter's own opset: no lossy down-conversion step
         return super().to_onnx(export_root, model_file_name, size, **kwargs)
 
     @property
