@@ -13,7 +13,6 @@ It imports nothing but the standard library's ``sys`` at start-up, so processes 
 anomalib pay only the cost of reading this file.
 """
 
-from __future__ import annotations
 
 import sys
 
