@@ -23,7 +23,6 @@ from anomalib import LearningType
 from anomalib.data import Batch
 from anomalib.metrics import AUPRO, AUROC, Evaluator, F1Score
 from anomalib.models.components import AnomalibModule
-from anomalib.post_processing import PostProcessor
 from anomalib.pre_processing import PreProcessor
 from anomalib.visualization import Visualizer
 from kornia.augmentation import RandomHorizontalFlip, RandomResizedCrop
@@ -200,11 +199,6 @@ class Isstad(AnomalibModule):
             AUPRO(fields=["anomaly_map", "gt_mask"], prefix="pixel_", strict=False),
         ]
         return Evaluator(test_metrics=test_metrics)
-
-    @classmethod
-    def configure_post_processor(cls) -> PostProcessor:
-        """anomalib's default post-processor (F1-adaptive thresholds, min-max normalisation)."""
-        return PostProcessor()
 
     def to_onnx(self, export_root: Path | str, model_file_name: str = "model",
                 input_size: tuple[int, int] | None = None, **kwargs) -> Path:
