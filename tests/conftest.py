@@ -9,6 +9,13 @@ from pathlib import Path
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
+
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    # Two test workers share the machine's two cores: one compute thread each (and in their subprocesses).
+    os.environ["OMP_NUM_THREADS"] = "1"
+    import torch
+
+    torch.set_num_threads(1)
 SHARED_DATA = Path(os.environ.get("ISSTAD_SHARED_DATA", REPO.parent / "shared" / "data"))
 MAGNETIC_TILE = SHARED_DATA / "magnetic_tile"
 

@@ -82,8 +82,9 @@ def test_get_model_after_import_anomalib_alone() -> None:
     name, allowed = out.splitlines()
     assert name == "Isstad"
     # only our own package was added to anomalib's import allow-list
-    assert {module for module in json.loads(allowed) if not module.startswith("anomalib.")} == {
-        "isstad_plugin", "isstad_plugin.models", "isstad_plugin.models.isstad"}
+    added = {module for module in json.loads(allowed) if not module.startswith("anomalib.")}
+    assert {"isstad_plugin", "isstad_plugin.models.isstad"} <= added
+    assert all(module == "isstad_plugin" or module.startswith("isstad_plugin.models") for module in added)
 
 
 def test_startup_hook_costs_nothing_without_anomalib() -> None:
