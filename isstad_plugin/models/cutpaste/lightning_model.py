@@ -26,7 +26,7 @@ import torch
 import torch.nn.functional as F  # noqa: N812
 from anomalib import LearningType
 from anomalib.data import Batch
-from anomalib.metrics import AUPRO, AUROC, Evaluator, F1Score
+from anomalib.metrics import Evaluator
 from anomalib.models.components import AnomalibModule
 from anomalib.post_processing import PostProcessor
 from anomalib.pre_processing import PreProcessor
@@ -36,6 +36,8 @@ from lightning.pytorch.utilities.types import STEP_OUTPUT
 from torch import nn
 from torch.utils.data import DataLoader
 from torchvision.transforms.v2 import Compose, Normalize, Resize
+
+from isstad_plugin.models.evaluation import image_and_pixel_evaluator
 
 from .augmentation import PAPER_SIZE, CutPaste, random_crops
 from .torch_model import PAPER_HEAD, CutpasteModel
@@ -127,14 +129,7 @@ class Cutpaste(AnomalibModule):
     @staticmethod
     def configure_evaluator() -> Evaluator:
         """Image AUROC and F1; pixel AUROC, F1 and AUPRO."""
-        test_metrics = [
-            AUROC(fields=["pred_score", "gt_label"], prefix="image_"),
-            F1Score(fields=["pred_label", "gt_label"], prefix="image_"),
-            AUROC(fields=["anomaly_map", "gt_mask"], prefix="pixel_", strict=False),
-            F1Score(fields=["pred_mask", "gt_mask"], prefix="pixel_", strict=False),
-            AUPRO(fields=["anomaly_map", "gt_mask"], prefix="pixel_", strict=False),
-        ]
-        return Evaluator(test_metrics=test_metrics)
+        return image_and_pixel_evaluator()
 
     @classmethod
     def configure_post_processor(cls) -> PostProcessor:

@@ -21,7 +21,7 @@ from typing import Any, Literal
 import torch
 from anomalib import LearningType
 from anomalib.data import Batch
-from anomalib.metrics import AUPRO, AUROC, Evaluator, F1Score
+from anomalib.metrics import Evaluator
 from anomalib.models.components import AnomalibModule
 from anomalib.pre_processing import PreProcessor
 from anomalib.visualization import Visualizer
@@ -33,6 +33,7 @@ from torch import nn
 from torchvision.transforms.v2 import Compose, Normalize, Resize
 
 from isstad_plugin.data_checks import check_dataset
+from isstad_plugin.models.evaluation import image_and_pixel_evaluator
 
 from .corruption import MVTEC_AD_PRESETS, SyntheticCorruption, preset_for_category
 from .loss import Stage2Loss, masked_patch_mse
@@ -191,14 +192,7 @@ class Isstad(AnomalibModule):
     @staticmethod
     def configure_evaluator() -> Evaluator:
         """Image AUROC and F1; pixel AUROC, F1 and AUPRO."""
-        test_metrics = [
-            AUROC(fields=["pred_score", "gt_label"], prefix="image_"),
-            F1Score(fields=["pred_label", "gt_label"], prefix="image_"),
-            AUROC(fields=["anomaly_map", "gt_mask"], prefix="pixel_", strict=False),
-            F1Score(fields=["pred_mask", "gt_mask"], prefix="pixel_", strict=False),
-            AUPRO(fields=["anomaly_map", "gt_mask"], prefix="pixel_", strict=False),
-        ]
-        return Evaluator(test_metrics=test_metrics)
+        return image_and_pixel_evaluator()
 
     def to_onnx(self, export_root: Path | str, model_file_name: str = "model",
                 input_size: tuple[int, int] | None = None, **kwargs) -> Path:
