@@ -26,7 +26,9 @@ from typing import NamedTuple
 import torch
 import torch.nn.functional as F  # noqa: N812
 from kornia.enhance import adjust_contrast_with_mean_subtraction, adjust_hue, adjust_saturation
-from torch import Tensor, nn
+from torch import Tensor
+
+from isstad_plugin.models.seeding import SeededAugmentation
 
 AREA_RATIO = (0.02, 0.15)  # CutPaste rectangle area / image area
 ASPECT_RATIO = (0.3, 3.3)  # CutPaste rectangle width / height (log-uniform)
@@ -197,7 +199,7 @@ def random_crops(images: Tensor, size: int, generator: torch.Generator | None = 
     return images.flatten(2).gather(2, index).view(b, c, size, size)
 
 
-class CutPaste(nn.Module):
+class CutPaste(SeededAugmentation):
     """The 3-way CutPaste task: every image, its CutPaste copy and its scar copy, labelled 0 / 1 / 2.
 
     Args:
@@ -206,24 +208,11 @@ class CutPaste(nn.Module):
     """
 
     def __init__(self, jitter: float = 0.1, seed: int | None = None) -> None:
-        super().__init__()
+        super().__init__(seed)
         if jitter < 0:
             raise ValueError(f"jitter must be >= 0, got {jitter}")
         self.jitter = float(jitter)
-        self.reseed(seed)
 
-    def reseed(self, seed: int | None) -> None:
-        """Restart the random stream from ``seed`` (None: use torch's global RNG)."""
-        self.seed = seed
-        self._generators: dict[torch.device, torch.Generator] = {}
-
-    def generator(self, device: torch.device) -> torch.Generator | None:
-        """The generator for ``device`` (created on first use), or None without a seed."""
-        if self.seed is None:
-            return None
-        if device not in self._generators:
-            self._generators[device] = torch.Generator(device=device).manual_seed(self.seed)
-        return self._generators[device]
 
     @torch.no_grad()
     def cutpaste(self, images: Tensor) -> tuple[Tensor, Tensor]:

@@ -19,6 +19,8 @@ from kornia.contrib import connected_components
 from kornia.filters import filter2d_separable
 from torch import Tensor
 
+from isstad_plugin.models.seeding import SeededAugmentation
+
 SHAPES = ("rectangle", "ellipse", "polygon")
 TRANSFORMS = ("color", "flip", "noise")
 _GRID = 32  # the foreground mask is labelled on a grid of at most _GRID x _GRID cells
@@ -256,7 +258,7 @@ def _apply_per_choice(
     return out
 
 
-class SyntheticCorruption(torch.nn.Module):
+class SyntheticCorruption(SeededAugmentation):
     """Paste a transformed copy of each image through a random shape mask (ISSTAD stage 2).
 
     Args:
@@ -273,7 +275,7 @@ class SyntheticCorruption(torch.nn.Module):
     def __init__(self, probability: float = 2 / 3, max_shapes: int = 3, restrict_to_foreground: bool = True,
                  remove_dark: bool = False, transforms: Sequence[str] = TRANSFORMS, shapes: Sequence[str] = SHAPES,
                  blur_sigma_fraction: tuple[float, float] = (15 / 1024, 20 / 1024), seed: int | None = None) -> None:
-        super().__init__()
+        super().__init__(seed)
         if not 0.0 <= probability <= 1.0:
             raise ValueError(f"probability must be in [0, 1], got {probability}")
         if isinstance(max_shapes, bool) or not isinstance(max_shapes, int) or max_shapes < 1:
@@ -291,19 +293,7 @@ class SyntheticCorruption(torch.nn.Module):
         self.transforms = tuple(transforms)
         self.shapes = tuple(shapes)
         self.blur_sigma_fraction = (float(blur_sigma_fraction[0]), float(blur_sigma_fraction[1]))
-        self.reseed(seed)
 
-    def reseed(self, seed: int | None) -> None:
-        """Restart the random stream from ``seed`` (None: use torch's global RNG)."""
-        self.seed = seed
-        self._generators: dict[torch.device, torch.Generator] = {}
-
-    def _generator(self, device: torch.device) -> torch.Generator | None:
-        if self.seed is None:
-            return None
-        if device not in self._generators:
-            self._generators[device] = torch.Generator(device=device).manual_seed(self.seed)
-        return self._generators[device]
 
     @torch.no_grad()
     def forward(self, images: Tensor) -> tuple[Tensor, Tensor]:
@@ -321,7 +311,7 @@ class SyntheticCorruption(torch.nn.Module):
 
     def _corrupt(self, images: Tensor) -> tuple[Tensor, Tensor]:
         b, _, h, w = images.shape
-        gen = self._generator(images.device)
+        gen = self.generator(images.device)
         corrupt = torch.rand(b, generator=gen, device=images.device) < self.probability
         mask = torch.zeros(b, 1, h, w, dtype=images.dtype, device=images.device)
         # Work only on the samples that are corrupted (one small index read per batch, no image copies to host).
