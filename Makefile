@@ -7,7 +7,7 @@ STAMP  := $(VENV)/.isstad-installed
 
 $(STAMP): pyproject.toml
 	python3 -m venv $(VENV)
-	$(PYTHON) -m pip install --quiet -e ".[export,dev]"
+	$(PYTHON) -m pip install --quiet -e ".[export,dev,benchmark]"
 	touch $(STAMP)
 
 install: $(STAMP)
