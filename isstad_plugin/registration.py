@@ -1,22 +1,28 @@
 """Make anomalib's model look-ups find the plugin's models.
 
-anomalib has no plugin registry; three things make ``--model isstad``, ``--model Isstad``,
-``--model isstad_plugin.Isstad`` and ``get_model("isstad")`` work:
+anomalib has no plugin registry; these make ``--model isstad``, ``--model Isstad``,
+``--model isstad_plugin.Isstad``, ``get_model("isstad")`` and ``anomalib benchmark`` work:
 
 - importing :mod:`isstad_plugin` defines :class:`~isstad_plugin.Isstad` as a direct subclass of
   ``AnomalibModule`` (what ``get_model`` and jsonargparse search); the start-up hook
   (``isstad_plugin_hook``) does that import whenever ``anomalib.models`` is imported;
 - :func:`register_with_anomalib` adds this package's own model modules (nothing else) to anomalib's
-  import allow-list so ``get_model({"class_path": "isstad_plugin.Isstad"})`` is accepted;
+  import allow-list so ``get_model({"class_path": "isstad_plugin.Isstad"})`` is accepted, and exposes
+  ``Isstad`` / ``Cutpaste`` as ``anomalib.models`` attributes so a bare ``{"class_path": "Isstad"}`` (what the
+  benchmark pipeline's config passes to ``get_model``) resolves too;
 - :func:`enable_case_insensitive_model_names`, run when anomalib's CLI module is imported, lets the CLI
   resolve a class name the way ``get_model`` does (case-insensitive, snake_case accepted), which stock
-  anomalib lacks even for its own models.
+  anomalib lacks even for its own models;
+- :func:`enable_mixed_benchmark_results`, run when anomalib's benchmark job module is imported, lets
+  ``anomalib benchmark`` tabulate jobs whose result keys differ (any grid over models with different
+  ``init_args`` or metrics), which stock anomalib loses with a ``KeyError`` before writing the CSV.
 """
 
 from __future__ import annotations
 
 from typing import Any
 
+PLUGIN_MODELS = ("Isstad", "Cutpaste")
 PLUGIN_MODULES = (
     "isstad_plugin",
     "isstad_plugin.models",
@@ -26,10 +32,15 @@ PLUGIN_MODULES = (
 
 
 def register_with_anomalib() -> None:
-    """Allow ``get_model`` to import models from this package (and only this package)."""
+    """Allow ``get_model`` to import models from this package (and only this package); expose them by name."""
     from anomalib import models
 
+    import isstad_plugin.models as plugin_models
+
     models.ALLOWED_MODULES.update(PLUGIN_MODULES)
+    for name in PLUGIN_MODELS:
+        if name not in vars(models):  # never shadow an anomalib model of the same name
+            setattr(models, name, getattr(plugin_models, name))
 
 
 def _normalise(name: str) -> str:
@@ -61,3 +72,24 @@ def enable_case_insensitive_model_names() -> None:
     resolve_class_path_by_name._isstad_case_insensitive = True  # type: ignore[attr-defined]
     _typehints.resolve_class_path_by_name = resolve_class_path_by_name
     _from_config.resolve_class_path_by_name = resolve_class_path_by_name
+
+
+def enable_mixed_benchmark_results() -> None:
+    """Let ``anomalib benchmark`` collect results whose keys differ between jobs. Idempotent.
+
+    Stock ``BenchmarkJob.collect`` takes its columns from the first job's result and raises ``KeyError`` (the
+    CSV is never written) when a later job has other keys: every grid over models with different ``init_args``
+    (or evaluators) does. This replacement takes the union of keys in first-seen order; a job lacking a key
+    (e.g. Patchcore has no pixel AUPRO) gets an empty cell.
+    """
+    import pandas as pd
+    from anomalib.pipelines.benchmark.job import BenchmarkJob
+
+    if getattr(BenchmarkJob.collect, "_isstad_mixed_keys", False):
+        return
+
+    def collect(results: list[dict[str, Any]]) -> pd.DataFrame:
+        return pd.DataFrame.from_records(results).convert_dtypes()  # nullable dtypes: 64 stays 64 beside a gap
+
+    collect._isstad_mixed_keys = True  # type: ignore[attr-defined]
+    BenchmarkJob.collect = staticmethod(collect)

@@ -8,6 +8,7 @@ does nothing until one of the watched anomalib modules is imported:
 - ``anomalib``: adds a module ``__getattr__`` so ``import anomalib; anomalib.models`` works (lazily).
 - ``anomalib.models``: imports ``isstad_plugin`` so ``get_model("isstad")`` and ``--model Isstad`` work.
 - ``anomalib.cli.cli``: lets the CLI resolve model names case-insensitively (``--model isstad``).
+- ``anomalib.pipelines.benchmark.job``: lets ``anomalib benchmark`` tabulate models whose result keys differ.
 
 It imports nothing but the standard library's ``sys`` at start-up, so processes that never import
 anomalib pay only the cost of reading this file.
@@ -16,7 +17,7 @@ anomalib pay only the cost of reading this file.
 
 import sys
 
-_WATCHED = ("anomalib", "anomalib.models", "anomalib.cli.cli")
+_WATCHED = ("anomalib", "anomalib.models", "anomalib.cli.cli", "anomalib.pipelines.benchmark.job")
 
 
 class _PostImportFinder:
@@ -96,6 +97,10 @@ def _after_import(fullname: str, module) -> None:  # noqa: ANN001
         from isstad_plugin.registration import enable_case_insensitive_model_names
 
         enable_case_insensitive_model_names()
+    elif fullname == "anomalib.pipelines.benchmark.job":
+        from isstad_plugin.registration import enable_mixed_benchmark_results
+
+        enable_mixed_benchmark_results()
 
 
 _FINDER = _PostImportFinder()
