@@ -1,0 +1,174 @@
+"""One benchmark row in its own process: train, test, export to OpenVINO, time both runtimes.
+
+``python -m isstad_plugin.benchmark.job SPEC.json RESULT.json`` (``isstad-benchmark`` calls it). The
+result is written only when every step finished, so a crashed or killed row leaves no result behind.
+"""
+
+from __future__ import annotations
+
+import importlib
+import inspect
+import json
+import resource
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from .timing import median, time_calls
+
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")
+
+
+def import_class(class_path: str) -> type:
+    """``"anomalib.models.Patchcore"`` -> the class; a bare name is looked up in anomalib's models and data."""
+    module_name, _, name = class_path.rpartition(".")
+    modules = [module_name] if module_name else ["isstad_plugin", "anomalib.models", "anomalib.data"]
+    for module in modules:
+        if hasattr(found := importlib.import_module(module), name):
+            return getattr(found, name)
+    msg = f"Cannot find class {class_path!r} (give a full class_path such as anomalib.models.Patchcore)."
+    raise ImportError(msg)
+
+
+def resolve_backbone(run: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
+    """The model's init_args with the chosen backbone merged in, and what the report says about it."""
+    init_args = dict(run["model"].get("init_args") or {})
+    if run["backbones"]:
+        from isstad_plugin.backbones import pick_backbone, weights_source
+
+        chosen = pick_backbone([candidate["backbone"] for candidate in run["backbones"]])
+        init_args.update(next(c for c in run["backbones"] if c["backbone"] == chosen))
+        return init_args, {"backbone": chosen, "pretrained": "yes", "weights": weights_source(chosen)}
+    weights = init_args.get("weights")
+    return init_args, {"backbone": str(init_args.get("backbone", "-")),
+                       "pretrained": "yes" if weights else "no",
+                       "weights": str(weights) if weights else "random init, trained here"}
+
+
+def build_datamodule(data: dict[str, Any], seed: int) -> Any:
+    """The datamodule from ``{class_path, init_args}``; its random splits use the benchmark seed."""
+    datamodule_class = import_class(data["class_path"])
+    init_args = dict(data.get("init_args") or {})
+    if "seed" in inspect.signature(datamodule_class).parameters:
+        init_args.setdefault("seed", seed)
+    root = init_args.get("root")
+    if root is not None and not (Path(root) / init_args.get("category", "")).is_dir():
+        msg = f"Data folder {Path(root) / init_args.get('category', '')} does not exist; set data.init_args.root."
+        raise FileNotFoundError(msg)
+    datamodule = datamodule_class(**init_args)
+    if str(getattr(datamodule, "val_split_mode", "")).lower().endswith("same_as_test"):
+        msg = ("data.init_args.val_split_mode is same_as_test: thresholds would be chosen on the test images. "
+               "Use val_split_mode: from_test (a disjoint half of the test folder) or synthetic.")
+        raise ValueError(msg)
+    return datamodule
+
+
+def first_test_image(root: Path, size: tuple[int, int]) -> torch.Tensor:
+    """A real test image of the category as ``[1, 3, H, W]`` float in [0, 1] at the export size."""
+    import cv2
+
+    from isstad_plugin.deploy import read_rgb
+
+    files = sorted(p for p in (root / "test").rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES)
+    if not files:
+        msg = f"No test images under {root / 'test'} to time inference on."
+        raise FileNotFoundError(msg)
+    image = cv2.resize(read_rgb(files[0]), (size[1], size[0]), interpolation=cv2.INTER_AREA)
+    return torch.from_numpy(image.astype(np.float32) / 255.0).permute(2, 0, 1)[None].contiguous()
+
+
+def export_size(model: Any) -> tuple[int, int]:
+    """The input size timed for both runtimes: Isstad's fixed training size, else anomalib's 256 px default."""
+    size = getattr(model.hparams, "image_size", None)
+    return (int(size), int(size)) if size else (256, 256)
+
+
+def inference_ms(
+    model: Any, ir_path: Path, image: torch.Tensor, threads: int, repeats: int,
+) -> tuple[float, float]:
+    """Median batch-1 latency (ms) of torch eager and of OpenVINO FP32, whole pipeline incl. pre/post-processing."""
+    import openvino as ov
+
+    model.eval()
+    with torch.inference_mode():
+        torch_ms = median(time_calls(lambda: model(image), repeats, warmup=3)) * 1e3
+    core = ov.Core()
+    compiled = core.compile_model(ir_path, "CPU", {"INFERENCE_NUM_THREADS": threads, "PERFORMANCE_HINT": "LATENCY"})
+    array = image.numpy()
+    openvino_ms = median(time_calls(lambda: compiled(array), repeats, warmup=3)) * 1e3
+    return torch_ms, openvino_ms
+
+
+def run_job(spec: dict[str, Any], work_dir: Path) -> dict[str, Any]:
+    """Train and test one (model, category) row; return its report row."""
+    from anomalib.deploy import ExportType
+    from anomalib.engine import Engine
+    from lightning.pytorch import seed_everything
+
+    from isstad_plugin.models.evaluation import image_and_pixel_evaluator
+
+    run, threads = spec["run"], spec["threads"]
+    torch.set_num_threads(threads)
+    seed_everything(spec["seed"], workers=True)
+    init_args, backbone = resolve_backbone(run)
+    model = import_class(run["model"]["class_path"])(**init_args, evaluator=image_and_pixel_evaluator())
+    datamodule = build_datamodule(spec["data"], spec["seed"])
+    engine = Engine(default_root_dir=work_dir, max_epochs=run["max_epochs"], logger=False, **spec["trainer"])
+
+    start = time.perf_counter()
+    engine.fit(model=model, datamodule=datamodule)
+    train_s = time.perf_counter() - start
+    metrics = engine.test(model=model, datamodule=datamodule)[0]
+    peak_rss_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+    size = export_size(model)
+    # A static batch-1 graph: the latency measured is batch 1, and anomalib's dynamic-batch PatchCore export
+    # bakes the example batch into its upsampling (its IR cannot be reshaped to batch 1).
+    ir_path = engine.export(model=model, export_type=ExportType.OPENVINO, export_root=work_dir / "export",
+                            input_size=size, onnx_kwargs={"dynamic_shapes": None})
+    image = first_test_image(Path(spec["data"]["init_args"]["root"]) / spec["category"], size)
+    torch_ms, openvino_ms = inference_ms(model, Path(ir_path), image, threads, spec["latency_repeats"])
+
+    def metric(name: str) -> float:
+        if name not in metrics:
+            msg = f"The test run reported no {name} (got {sorted(metrics)})."
+            raise KeyError(msg)
+        return round(float(metrics[name]), 4)
+
+    return {
+        "model": run["name"],
+        "category": spec["category"],
+        "class": run["model"]["class_path"].rpartition(".")[2],
+        **backbone,
+        "image_AUROC": metric("image_AUROC"),
+        "image_F1": metric("image_F1Score"),
+        "pixel_AUROC": metric("pixel_AUROC"),
+        "pixel_F1": metric("pixel_F1Score"),
+        "pixel_AUPRO": metric("pixel_AUPRO"),
+        "epochs": run["max_epochs"],
+        "train_min": round(train_s / 60, 2),
+        "torch_ms": round(torch_ms, 1),
+        "openvino_ms": round(openvino_ms, 1),
+        "input_px": f"{size[0]}x{size[1]}",
+        "peak_rss_MB": round(peak_rss_mb),
+        "params_M": round(sum(p.numel() for p in model.model.parameters()) / 1e6, 2),
+        "seed": spec["seed"],
+        "torch": torch.__version__,
+    }
+
+
+def main(argv: list[str] | None = None) -> None:
+    spec_path, result_path = map(Path, argv or sys.argv[1:])
+    spec = json.loads(spec_path.read_text())
+    row = run_job(spec, spec_path.parent)
+    tmp = result_path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(row, indent=1))
+    tmp.replace(result_path)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,166 @@
+"""``isstad-benchmark -c configs/benchmark/magnetic_tile.yaml``: run every (model, category) row, resumably.
+
+Finished rows are kept in ``<output_dir>/results.csv`` and skipped next time unless their configuration
+changed (each row stores a hash of everything that defines it). Each row runs in a child process whose
+log is ``<output_dir>/runs/<model>/<category>/job.log``; a failed row is reported, not written.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shlex
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
+
+from .config import BenchmarkConfig, load_config, spec_hash
+from .report import chart, markdown, publish, read_rows, write_rows
+from .timing import machine
+
+
+def last_progress_line(log: Path) -> str:
+    """The newest progress fragment in a child's log (Lightning redraws its bar with carriage returns)."""
+    try:
+        with log.open("rb") as handle:
+            handle.seek(max(0, log.stat().st_size - 2000))
+            tail = handle.read().decode(errors="replace")
+    except OSError:
+        return ""
+    fragments = [f.strip() for f in tail.replace("\r", "\n").split("\n") if f.strip()]
+    return fragments[-1][-90:] if fragments else ""
+
+
+def run_row(spec: dict, row_dir: Path, progress: Progress, task: int) -> dict | None:
+    """Run one row's job in a child process; its result row, or None (with the log tail printed) on failure."""
+    if row_dir.exists():
+        shutil.rmtree(row_dir)  # a half-finished earlier attempt must not leave checkpoints or exports behind
+    row_dir.mkdir(parents=True)
+    spec_path, result_path, log_path = row_dir / "spec.json", row_dir / "result.json", row_dir / "job.log"
+    spec_path.write_text(json.dumps(spec, indent=1))
+    with log_path.open("w") as log:
+        child = subprocess.Popen([sys.executable, "-m", "isstad_plugin.benchmark.job", str(spec_path),
+                                  str(result_path)], stdout=log, stderr=subprocess.STDOUT)
+        while child.poll() is None:
+            progress.update(task, status=last_progress_line(log_path))
+            time.sleep(1.0)
+    if child.returncode != 0 or not result_path.is_file():
+        tail = "\n".join(log_path.read_text(errors="replace").replace("\r", "\n").splitlines()[-15:])
+        progress.console.print(f"[red]{spec['run']['name']}/{spec['category']} failed (exit {child.returncode}); "
+                               f"log: {log_path}[/red]", soft_wrap=True)
+        progress.console.print(tail, markup=False, highlight=False, soft_wrap=True)
+        return None
+    return json.loads(result_path.read_text())
+
+
+def missing_data_folders(config: BenchmarkConfig) -> list[str]:
+    """Category folders the config names under ``data.init_args.root`` that do not exist."""
+    root = config.data.get("init_args", {}).get("root")
+    if root is None:
+        return []
+    return [str(Path(root) / category) for category in config.categories if not (Path(root) / category).is_dir()]
+
+
+def ordered(rows_by_key: dict, config: BenchmarkConfig) -> list[dict]:
+    """Rows in the config's order (runs, then categories); rows of runs no longer configured go last."""
+    order = {(run.name, category): i for i, (run, category) in
+             enumerate((run, category) for run in config.runs for category in config.categories)}
+    return sorted(rows_by_key.values(), key=lambda row: order.get((row["model"], row["category"]), len(order)))
+
+
+def header_lines(config: BenchmarkConfig, command: str) -> list[str]:
+    notes = [f"- `{run.name}`: {run.note}" for run in config.runs if run.note]
+    return [
+        f"# {config.title}",
+        "",
+        f"Command: `{command}`",
+        f"Machine: {machine()}; {config.threads} threads for training and timing; seed {config.seed}.",
+        "Each row trains on the train split with a fixed number of epochs (no early stopping, no model selection),",
+        "sets the image and pixel thresholds on the validation split and reports the disjoint test split.",
+        "Latencies are batch-1 medians of the whole pipeline (resize, network, scoring, post-processing) on a",
+        "real test image; `peak_rss_MB` is the training process's peak resident memory; `params_M` counts all",
+        "parameters of the torch model, frozen backbones included.",
+        "",
+        *notes,
+    ]
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="isstad-benchmark", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("-c", "--config", required=True, type=Path, help="benchmark YAML (configs/benchmark/)")
+    parser.add_argument("--output-dir", type=Path, help="overrides the config's output_dir")
+    parser.add_argument("--only", nargs="+", metavar="NAME", help="run only these models (by run name)")
+    parser.add_argument("--fresh", action="store_true", help="ignore and replace earlier results")
+    parser.add_argument("--publish", type=Path, metavar="PAGE.md",
+                        help="also write the page (and PAGE.png, PAGE.csv) here, keeping its hand-written part")
+    parser.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="config overrides, e.g. seed=1")
+    args = parser.parse_args(argv)
+    config = load_config(args.config, args.overrides)
+    output_dir = args.output_dir or Path(config.output_dir)
+    runs = [run for run in config.runs if not args.only or run.name in args.only]
+    if args.only and (missing := set(args.only) - {run.name for run in runs}):
+        parser.error(f"--only names no run of {args.config}: {sorted(missing)}")
+    if missing_data := missing_data_folders(config):
+        console = Console(stderr=True)
+        console.print(f"Data folder(s) not found: {', '.join(missing_data)}; set data.init_args.root "
+                      "(e.g. isstad-benchmark -c CONFIG data.init_args.root=/path/to/data).", soft_wrap=True)
+        return 2
+    csv_path = output_dir / "results.csv"
+    kept = [] if args.fresh else read_rows(csv_path)
+    command = shlex.join(["isstad-benchmark", *(argv if argv is not None else sys.argv[1:])])
+    rows_by_key = {(row["model"], row["category"]): row for row in kept}
+    failed: list[str] = []
+    work = [(run, category) for run in runs for category in config.categories]
+
+    columns = (SpinnerColumn(), TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
+               TimeElapsedColumn(), TextColumn("[dim]{task.fields[status]}"))
+    console = Console()
+    with Progress(*columns, console=console) as progress:
+        task = progress.add_task("benchmark", total=len(work), status="")
+        for run, category in work:
+            spec = config.row_spec(run, category)
+            digest = spec_hash(spec)
+            key = (run.name, category)
+            if key in rows_by_key and rows_by_key[key]["spec_hash"] == digest:
+                progress.console.print(f"kept {run.name}/{category} (finished earlier, same configuration)",
+                                       soft_wrap=True)
+                progress.advance(task)
+                continue
+            progress.update(task, description=f"{run.name}/{category}", status="starting")
+            row = run_row(spec, output_dir / "runs" / run.name / category, progress, task)
+            if row is None:
+                failed.append(f"{run.name}/{category}: see {output_dir / 'runs' / run.name / category / 'job.log'}")
+            else:
+                rows_by_key[key] = {**row, "spec_hash": digest}
+                summary = (f"[green]{run.name}/{category}[/green] image AUROC {row['image_AUROC']:.3f}, pixel AUROC "
+                           f"{row['pixel_AUROC']:.3f}, AUPRO {row['pixel_AUPRO']:.3f}, trained {row['train_min']:.1f} min")
+                progress.console.print(summary, soft_wrap=True)
+            write_rows(csv_path, ordered(rows_by_key, config))
+            progress.advance(task)
+
+    rows = ordered(rows_by_key, config)
+    text = markdown(rows, [*header_lines(config, command), "", "![metrics and training time](results.png)"], failed)
+    (output_dir / "results.md").write_text(text)
+    if rows:
+        chart(rows, output_dir / "results.png")
+    if args.publish:
+        image_name = args.publish.with_suffix(".png").name
+        publish(text.replace("(results.png)", f"({image_name})"), args.publish)
+        if rows:
+            shutil.copyfile(output_dir / "results.png", args.publish.with_suffix(".png"))
+        shutil.copyfile(csv_path, args.publish.with_suffix(".csv"))
+    console.print(f"results: {csv_path}, {output_dir / 'results.md'}" + (f", {args.publish}" if args.publish else ""))
+    if failed:
+        console.print(f"[red]{len(failed)} row(s) failed:[/red] " + "; ".join(failed))
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

