@@ -10,6 +10,8 @@ from pathlib import Path
 import pytest
 
 from isstad_plugin.benchmark import load_config
+from isstad_plugin.benchmark.config import spec_hash
+from isstad_plugin.benchmark.main import current_rows
 from isstad_plugin.benchmark.report import COLUMNS, HAND_WRITTEN_MARKER
 
 REPO = Path(__file__).resolve().parents[1]
@@ -93,3 +95,15 @@ def test_config_errors_name_the_key(tmp_path: Path) -> None:
         load_config(config)
     with pytest.raises(FileNotFoundError, match="does not exist"):
         load_config(tmp_path / "nope.yaml")
+
+
+def test_only_rows_of_the_current_configuration_are_published() -> None:
+    config = load_config(REPO / "configs/benchmark/tiny.yaml")
+    isstad, patchcore, _ = config.runs
+    current = spec_hash(config.row_spec(isstad, "magnetic_tile"))
+    rows_by_key = {("isstad", "magnetic_tile"): {"model": "isstad", "category": "magnetic_tile", "spec_hash": current},
+                   ("patchcore", "magnetic_tile"): {"model": "patchcore", "category": "magnetic_tile",
+                                                    "spec_hash": "from-an-older-config"}}
+    rows, missing = current_rows(rows_by_key, config, failed=["cutpaste/magnetic_tile: see its log"])
+    assert [row["model"] for row in rows] == ["isstad"]
+    assert [note.split(":")[0] for note in missing] == [f"{patchcore.name}/magnetic_tile"]

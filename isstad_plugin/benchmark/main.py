@@ -73,6 +73,18 @@ def ordered(rows_by_key: dict, config: BenchmarkConfig) -> list[dict]:
     return sorted(rows_by_key.values(), key=lambda row: order.get((row["model"], row["category"]), len(order)))
 
 
+def current_rows(rows_by_key: dict, config: BenchmarkConfig, failed: list[str]) -> tuple[list[dict], list[str]]:
+    """Rows finished with the config as it is now (in its order), and a note for each configured row that is not."""
+    wanted = {(run.name, category): spec_hash(config.row_spec(run, category))
+              for run in config.runs for category in config.categories}
+    rows = [row for row in ordered(rows_by_key, config)
+            if wanted.get((row["model"], row["category"])) == row["spec_hash"]]
+    done = {(row["model"], row["category"]) for row in rows} | {tuple(f.split(":")[0].split("/")) for f in failed}
+    missing = [f"{name}/{category}: not run with the current configuration (run it to include it)"
+               for name, category in wanted if (name, category) not in done]
+    return rows, missing
+
+
 def header_lines(config: BenchmarkConfig, command: str) -> list[str]:
     notes = [f"- `{run.name}`: {run.note}" for run in config.runs if run.note]
     return [
@@ -135,6 +147,7 @@ def main(argv: list[str] | None = None) -> int:
             progress.update(task, description=f"{run.name}/{category}", status="starting")
             row = run_row(spec, output_dir / "runs" / run.name / category, progress, task)
             if row is None:
+                rows_by_key.pop(key, None)  # an earlier row of another configuration must not stand in for it
                 failed.append(f"{run.name}/{category}: see {output_dir / 'runs' / run.name / category / 'job.log'}")
             else:
                 rows_by_key[key] = {**row, "spec_hash": digest}
@@ -144,8 +157,9 @@ def main(argv: list[str] | None = None) -> int:
             write_rows(csv_path, ordered(rows_by_key, config))
             progress.advance(task)
 
-    rows = ordered(rows_by_key, config)
-    text = markdown(rows, [*header_lines(config, command), "", "![metrics and training time](results.png)"], failed)
+    rows, missing = current_rows(rows_by_key, config, failed)
+    text = markdown(rows, [*header_lines(config, command), "", "![metrics and training time](results.png)"],
+                    [*failed, *missing])
     (output_dir / "results.md").write_text(text)
     if rows:
         chart(rows, output_dir / "results.png")

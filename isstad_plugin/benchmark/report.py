@@ -42,7 +42,7 @@ def write_rows(path: Path, rows: Sequence[dict[str, object]]) -> None:
 
 
 def markdown(rows: Sequence[dict[str, object]], header_lines: Sequence[str], failed: Sequence[str] = ()) -> str:
-    """The results page: ``header_lines``, the metric table, the cost table, and any failed rows."""
+    """The results page: ``header_lines``, the metric table, the cost table, and the rows missing from them."""
     def table(columns: list[str]) -> list[str]:
         lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
         lines += ["| " + " | ".join(str(row.get(c, "")) for c in columns) + " |" for row in rows]
@@ -53,7 +53,7 @@ def markdown(rows: Sequence[dict[str, object]], header_lines: Sequence[str], fai
              *table(["model", "category", "backbone", "pretrained", "weights", "epochs", "train_min", "torch_ms",
                      "openvino_ms", "input_px", "peak_rss_MB", "params_M"])]
     if failed:
-        lines += ["", "## Rows that did not finish", "", *[f"- {name}" for name in failed]]
+        lines += ["", "## Rows missing from the tables", "", *[f"- {name}" for name in failed]]
     return "\n".join(lines) + "\n"
 
 
