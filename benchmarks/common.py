@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
 from pathlib import Path
 
 import torch
 
+from isstad_plugin.benchmark.report import markdown_table
 from isstad_plugin.benchmark.timing import machine, median, p90, time_calls
 
 __all__ = ["machine", "markdown_table", "matmul_peak_gflops", "median", "p90", "time_calls"]
@@ -23,9 +23,3 @@ def matmul_peak_gflops(threads: int, size: int = 2048, repeats: int = 10) -> flo
     seconds = median(time_calls(lambda: torch.mm(a, b), repeats, warmup=3))
     torch.set_num_threads(previous)
     return 2 * size**3 / seconds / 1e9
-
-
-def markdown_table(header: Sequence[str], rows: Sequence[Sequence[object]]) -> str:
-    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    lines += ["| " + " | ".join(str(cell) for cell in row) + " |" for row in rows]
-    return "\n".join(lines)

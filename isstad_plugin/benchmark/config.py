@@ -55,7 +55,8 @@ class BenchmarkConfig:
         data = {"class_path": self.data["class_path"],
                 "init_args": {**self.data.get("init_args", {}), "category": category}}
         return {"run": asdict(run), "category": category, "data": data, "seed": self.seed,
-                "trainer": {**self.trainer, **run.trainer}, "latency_repeats": self.latency_repeats, "threads": self.threads}
+                "trainer": {**self.trainer, **run.trainer}, "latency_repeats": self.latency_repeats,
+                "threads": self.threads}
 
 
 def spec_hash(spec: dict[str, Any]) -> str:
@@ -91,7 +92,8 @@ def load_config(path: Path | str, overrides: list[str] | None = None) -> Benchma
     runs = []
     for index, run in enumerate(values.pop("runs")):
         if unknown := sorted(set(run) - set(RunSpec.__dataclass_fields__)):
-            msg = f"{path}: runs[{index}] has unknown key(s) {unknown}; allowed: {sorted(RunSpec.__dataclass_fields__)}."
+            allowed = sorted(RunSpec.__dataclass_fields__)
+            msg = f"{path}: runs[{index}] has unknown key(s) {unknown}; allowed: {allowed}."
             raise ValueError(msg)
         for key in ("name", "model", "max_epochs"):
             if key not in run:

@@ -6,8 +6,6 @@ result is written only when every step finished, so a crashed or killed row leav
 
 from __future__ import annotations
 
-import importlib
-import inspect
 import json
 import resource
 import sys
@@ -21,17 +19,6 @@ import torch
 from .timing import median, time_calls
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")
-
-
-def import_class(class_path: str) -> type:
-    """``"anomalib.models.Patchcore"`` -> the class; a bare name is looked up in anomalib's models and data."""
-    module_name, _, name = class_path.rpartition(".")
-    modules = [module_name] if module_name else ["isstad_plugin", "anomalib.models", "anomalib.data"]
-    for module in modules:
-        if hasattr(found := importlib.import_module(module), name):
-            return getattr(found, name)
-    msg = f"Cannot find class {class_path!r} (give a full class_path such as anomalib.models.Patchcore)."
-    raise ImportError(msg)
 
 
 def resolve_backbone(run: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
@@ -50,16 +37,15 @@ def resolve_backbone(run: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any
 
 
 def build_datamodule(data: dict[str, Any], seed: int) -> Any:
-    """The datamodule from ``{class_path, init_args}``; its random splits use the benchmark seed."""
-    datamodule_class = import_class(data["class_path"])
-    init_args = dict(data.get("init_args") or {})
-    if "seed" in inspect.signature(datamodule_class).parameters:
-        init_args.setdefault("seed", seed)
-    root = init_args.get("root")
-    if root is not None and not (Path(root) / init_args.get("category", "")).is_dir():
-        msg = f"Data folder {Path(root) / init_args.get('category', '')} does not exist; set data.init_args.root."
+    """anomalib's ``get_datamodule`` on ``{class_path, init_args}``; its random splits use the benchmark seed."""
+    from anomalib.data import get_datamodule
+
+    init_args = {"seed": seed, **(data.get("init_args") or {})}
+    folder = Path(init_args.get("root", ".")) / init_args.get("category", "")
+    if "root" in init_args and not folder.is_dir():
+        msg = f"Data folder {folder} does not exist; set data.init_args.root."
         raise FileNotFoundError(msg)
-    datamodule = datamodule_class(**init_args)
+    datamodule = get_datamodule({"class_path": data["class_path"], "init_args": init_args})
     if str(getattr(datamodule, "val_split_mode", "")).lower().endswith("same_as_test"):
         msg = ("data.init_args.val_split_mode is same_as_test: thresholds would be chosen on the test images. "
                "Use val_split_mode: from_test (a disjoint half of the test folder) or synthetic.")
@@ -107,6 +93,7 @@ def run_job(spec: dict[str, Any], work_dir: Path) -> dict[str, Any]:
     """Train and test one (model, category) row; return its report row."""
     from anomalib.deploy import ExportType
     from anomalib.engine import Engine
+    from anomalib.models import get_model
     from lightning.pytorch import seed_everything
 
     from isstad_plugin.models.evaluation import image_and_pixel_evaluator
@@ -115,7 +102,8 @@ def run_job(spec: dict[str, Any], work_dir: Path) -> dict[str, Any]:
     torch.set_num_threads(threads)
     seed_everything(spec["seed"], workers=True)
     init_args, backbone = resolve_backbone(run)
-    model = import_class(run["model"]["class_path"])(**init_args, evaluator=image_and_pixel_evaluator())
+    # anomalib's name lookup (every AnomalibModule subclass, ours included); plain keyword arguments.
+    model = get_model(run["model"]["class_path"].rpartition(".")[2], **init_args, evaluator=image_and_pixel_evaluator())
     datamodule = build_datamodule(spec["data"], spec["seed"])
     engine = Engine(default_root_dir=work_dir, max_epochs=run["max_epochs"], logger=False, **spec["trainer"])
 

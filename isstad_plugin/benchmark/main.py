@@ -73,15 +73,18 @@ def ordered(rows_by_key: dict, config: BenchmarkConfig) -> list[dict]:
     return sorted(rows_by_key.values(), key=lambda row: order.get((row["model"], row["category"]), len(order)))
 
 
-def current_rows(rows_by_key: dict, config: BenchmarkConfig, failed: list[str]) -> tuple[list[dict], list[str]]:
+def current_rows(
+    rows_by_key: dict, config: BenchmarkConfig, failed: set[tuple[str, str]],
+) -> tuple[list[dict], list[str]]:
     """Rows finished with the config as it is now (in its order), and a note for each configured row that is not."""
     wanted = {(run.name, category): spec_hash(config.row_spec(run, category))
               for run in config.runs for category in config.categories}
     rows = [row for row in ordered(rows_by_key, config)
             if wanted.get((row["model"], row["category"])) == row["spec_hash"]]
-    done = {(row["model"], row["category"]) for row in rows} | {tuple(f.split(":")[0].split("/")) for f in failed}
-    missing = [f"{name}/{category}: not run with the current configuration (run it to include it)"
-               for name, category in wanted if (name, category) not in done]
+    finished = {(row["model"], row["category"]) for row in rows}
+    missing = [f"{name}/{category}: " + ("failed, see its job.log" if (name, category) in failed
+                                         else "not run with the current configuration (run it to include it)")
+               for name, category in wanted if (name, category) not in finished]
     return rows, missing
 
 
@@ -127,7 +130,7 @@ def main(argv: list[str] | None = None) -> int:
     kept = [] if args.fresh else read_rows(csv_path)
     command = shlex.join(["isstad-benchmark", *(argv if argv is not None else sys.argv[1:])])
     rows_by_key = {(row["model"], row["category"]): row for row in kept}
-    failed: list[str] = []
+    failed: set[tuple[str, str]] = set()
     work = [(run, category) for run in runs for category in config.categories]
 
     columns = (SpinnerColumn(), TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
@@ -148,18 +151,19 @@ def main(argv: list[str] | None = None) -> int:
             row = run_row(spec, output_dir / "runs" / run.name / category, progress, task)
             if row is None:
                 rows_by_key.pop(key, None)  # an earlier row of another configuration must not stand in for it
-                failed.append(f"{run.name}/{category}: see {output_dir / 'runs' / run.name / category / 'job.log'}")
+                failed.add(key)
             else:
                 rows_by_key[key] = {**row, "spec_hash": digest}
-                summary = (f"[green]{run.name}/{category}[/green] image AUROC {row['image_AUROC']:.3f}, pixel AUROC "
-                           f"{row['pixel_AUROC']:.3f}, AUPRO {row['pixel_AUPRO']:.3f}, trained {row['train_min']:.1f} min")
+                summary = (f"[green]{run.name}/{category}[/green] image AUROC {row['image_AUROC']:.3f}, "
+                           f"pixel AUROC {row['pixel_AUROC']:.3f}, AUPRO {row['pixel_AUPRO']:.3f}, "
+                           f"trained {row['train_min']:.1f} min")
                 progress.console.print(summary, soft_wrap=True)
             write_rows(csv_path, ordered(rows_by_key, config))
             progress.advance(task)
 
     rows, missing = current_rows(rows_by_key, config, failed)
     text = markdown(rows, [*header_lines(config, command), "", "![metrics and training time](results.png)"],
-                    [*failed, *missing])
+                    missing)
     (output_dir / "results.md").write_text(text)
     if rows:
         chart(rows, output_dir / "results.png")
@@ -171,7 +175,8 @@ def main(argv: list[str] | None = None) -> int:
         shutil.copyfile(csv_path, args.publish.with_suffix(".csv"))
     console.print(f"results: {csv_path}, {output_dir / 'results.md'}" + (f", {args.publish}" if args.publish else ""))
     if failed:
-        console.print(f"[red]{len(failed)} row(s) failed:[/red] " + "; ".join(failed))
+        logs = [str(output_dir / "runs" / name / category / "job.log") for name, category in sorted(failed)]
+        console.print(f"[red]{len(failed)} row(s) failed:[/red] " + "; ".join(logs), soft_wrap=True)
         return 1
     return 0
 

@@ -41,17 +41,22 @@ def write_rows(path: Path, rows: Sequence[dict[str, object]]) -> None:
     tmp.replace(path)
 
 
+def markdown_table(header: Sequence[str], rows: Sequence[Sequence[object]]) -> str:
+    """A GitHub Markdown table."""
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(str(cell) for cell in row) + " |" for row in rows]
+    return "\n".join(lines)
+
+
 def markdown(rows: Sequence[dict[str, object]], header_lines: Sequence[str], failed: Sequence[str] = ()) -> str:
     """The results page: ``header_lines``, the metric table, the cost table, and the rows missing from them."""
-    def table(columns: list[str]) -> list[str]:
-        lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
-        lines += ["| " + " | ".join(str(row.get(c, "")) for c in columns) + " |" for row in rows]
-        return lines
+    def table(columns: list[str]) -> str:
+        return markdown_table(columns, [[row.get(column, "") for column in columns] for row in rows])
 
     lines = [*header_lines, "", "## Detection and segmentation (test split)", "",
-             *table(["model", "category", *METRICS]), "", "## Cost and provenance", "",
-             *table(["model", "category", "backbone", "pretrained", "weights", "epochs", "train_min", "torch_ms",
-                     "openvino_ms", "input_px", "peak_rss_MB", "params_M"])]
+             table(["model", "category", *METRICS]), "", "## Cost and provenance", "",
+             table(["model", "category", "backbone", "pretrained", "weights", "epochs", "train_min", "torch_ms",
+                    "openvino_ms", "input_px", "peak_rss_MB", "params_M"])]
     if failed:
         lines += ["", "## Rows missing from the tables", "", *[f"- {name}" for name in failed]]
     return "\n".join(lines) + "\n"
