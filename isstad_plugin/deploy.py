@@ -21,6 +21,20 @@ import numpy as np
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp"}
 
+# OpenVINO's CPU plugin computes in BF16 by default on CPUs that have it (AVX-512 BF16, AMX) and in FP32
+# elsewhere, so the same model scores differently from one machine to the next unless the precision is named.
+# f32 (the default here) matches torch on every CPU; bf16 trades about 1e-3 of the score range for speed on
+# CPUs with BF16 instructions; f16 is for GPUs (docs/deployment.md has the measured differences).
+PRECISIONS = ("f32", "bf16", "f16")
+
+
+def openvino_config(precision: str = "f32") -> dict[str, str]:
+    """OpenVINO compile config that fixes the inference precision (``f32``, ``bf16`` or ``f16``)."""
+    if precision not in PRECISIONS:
+        msg = f"precision must be one of {', '.join(PRECISIONS)}, got {precision!r}."
+        raise ValueError(msg)
+    return {"INFERENCE_PRECISION_HINT": precision}
+
 
 def iter_images(inputs: Sequence[Path]) -> Iterator[Path]:
     """Image files named in ``inputs``; folders are searched recursively. Fails on a missing path."""
@@ -59,7 +73,7 @@ def read_rgb(path: Path) -> np.ndarray:
 class ExportedModel:
     """An exported anomalib model; ``__call__`` takes ``[B, 3, H, W]`` float32 in [0, 1], returns its outputs."""
 
-    def __init__(self, path: Path, runtime: str = "openvino", device: str = "CPU") -> None:
+    def __init__(self, path: Path, runtime: str = "openvino", device: str = "CPU", precision: str = "f32") -> None:
         if not path.is_file():
             msg = f"Model file {path} does not exist."
             raise FileNotFoundError(msg)
@@ -67,7 +81,7 @@ class ExportedModel:
         if runtime == "openvino":
             from anomalib.deploy import OpenVINOInferencer
 
-            self.inferencer = OpenVINOInferencer(path, device=device)
+            self.inferencer = OpenVINOInferencer(path, device=device, config=openvino_config(precision))
             shape = self.inferencer.input_blob.get_partial_shape()
             dims = [d.get_length() if d.is_static else None for d in shape]
         elif runtime == "onnxruntime":
@@ -117,9 +131,13 @@ def predict_paths(
     output: Path,
     runtime: str = "openvino",
     device: str = "CPU",
+    precision: str = "f32",
 ) -> list[dict[str, object]]:
-    """Predict every image, write ``<output>/<name>.png`` overlays and ``<output>/predictions.csv``."""
-    model = ExportedModel(model_path, runtime, device)
+    """Predict every image, write ``<output>/<name>.png`` overlays and ``<output>/predictions.csv``.
+
+    ``precision`` is OpenVINO's inference precision (see :data:`PRECISIONS`); ONNX Runtime runs in FP32.
+    """
+    model = ExportedModel(model_path, runtime, device, precision)
     files = list(iter_images(inputs))
     output.mkdir(parents=True, exist_ok=True)
     rows = []
@@ -147,9 +165,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--output", type=Path, default=Path("predictions"), help="folder for overlays and CSV")
     parser.add_argument("--runtime", choices=["openvino", "onnxruntime"], default="openvino")
     parser.add_argument("--device", default="CPU", help="OpenVINO device (CPU, GPU, AUTO)")
+    parser.add_argument("--precision", choices=PRECISIONS, default="f32",
+                        help="OpenVINO inference precision (default f32: the same scores as torch on every CPU; "
+                             "bf16 is faster on CPUs with BF16 instructions, see docs/deployment.md)")
     args = parser.parse_args(argv)
     try:
-        rows = predict_paths(args.model, args.inputs, args.output, args.runtime, args.device)
+        rows = predict_paths(args.model, args.inputs, args.output, args.runtime, args.device, args.precision)
     except (FileNotFoundError, ValueError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2

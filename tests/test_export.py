@@ -12,7 +12,8 @@ from anomalib.deploy import ExportType, OpenVINOInferencer
 from anomalib.engine import Engine
 
 from isstad_plugin import Isstad
-from isstad_plugin.deploy import predict_paths, prepare, read_rgb
+from isstad_plugin.deploy import openvino_config, predict_paths, prepare, read_rgb
+from tests.parity import assert_decisions_agree
 
 # FP16 weights (OpenVINO's compress_to_fp16, which is what anomalib's CompressionType.FP16 does) change the
 # outputs by about 1e-3 of their range: measured 1.0e-3 (scores) and 8e-4 (maps) for vit_tiny at 224 px on 20
@@ -65,7 +66,7 @@ def test_onnx_runtime_matches_torch(exported: dict) -> None:
     names = [o.name for o in session.get_outputs()]
     outputs = dict(zip(names, session.run(None, {"input": exported["images"]}), strict=True))
     assert_matches(outputs, exported["reference"], rtol=1e-4)
-    np.testing.assert_array_equal(outputs["pred_label"], exported["reference"]["pred_label"])
+    assert_decisions_agree(outputs, exported["reference"], margin=1e-4)
 
 
 def test_openvino_fp32_and_fp16_match_torch(exported: dict, tmp_path: Path) -> None:
@@ -75,16 +76,15 @@ def test_openvino_fp32_and_fp16_match_torch(exported: dict, tmp_path: Path) -> N
     fp16_path = tmp_path / "fp16.xml"
     ov.save_model(core.read_model(exported["ir"]), fp16_path, compress_to_fp16=True)
     for path, rtol in ((exported["ir"], 1e-4), (fp16_path, FP16_RTOL)):
-        compiled = core.compile_model(path, "CPU", {"INFERENCE_PRECISION_HINT": "f32"})
+        compiled = core.compile_model(path, "CPU", openvino_config("f32"))  # BF16 CPUs would default to bf16
         result = compiled(exported["images"])
         outputs = {o.any_name: result[o] for o in compiled.outputs}
         assert_matches(outputs, exported["reference"], rtol=rtol)
-        if rtol == 1e-4:
-            np.testing.assert_array_equal(outputs["pred_label"], exported["reference"]["pred_label"])
+        assert_decisions_agree(outputs, exported["reference"], margin=rtol)
 
 
 def test_openvino_inferencer_predicts_files_and_writes_overlays(exported: dict, tmp_path: Path) -> None:
-    inferencer = OpenVINOInferencer(exported["ir"], device="CPU")
+    inferencer = OpenVINOInferencer(exported["ir"], device="CPU", config=openvino_config("f32"))
     single = inferencer.predict(exported["images"][:1])
     np.testing.assert_allclose(single.pred_score.reshape(-1), exported["reference"]["pred_score"][:1], rtol=1e-4)
 
@@ -96,6 +96,16 @@ def test_openvino_inferencer_predicts_files_and_writes_overlays(exported: dict, 
         assert scores[path] == pytest.approx(float(exported["reference"]["pred_score"][index]), rel=1e-4)
     assert (tmp_path / "overlays" / "predictions.csv").is_file()
     assert len(list((tmp_path / "overlays").glob("*.png"))) == len(rows)
+
+
+def test_predict_precision_is_explicit(exported: dict, tmp_path: Path) -> None:
+    """bf16 is an option, never the silent default: it runs everywhere (OpenVINO falls back to f32 on CPUs
+    without BF16 units) and stays within 2 % of the score range of torch; an unknown precision is refused."""
+    rows = predict_paths(exported["ir"], exported["files"][:4], tmp_path / "bf16", precision="bf16")
+    expected = exported["reference"]["pred_score"][:4]
+    np.testing.assert_allclose([row["pred_score"] for row in rows], expected, atol=0.02 * np.abs(expected).max())
+    with pytest.raises(ValueError, match="precision must be one of f32, bf16, f16, got 'fp64'"):
+        openvino_config("fp64")
 
 
 def test_predict_names_a_missing_input(exported: dict, tmp_path: Path) -> None:

@@ -31,17 +31,37 @@ def p90(values: Sequence[float]) -> float:
     return ordered[min(len(ordered) - 1, round(0.9 * (len(ordered) - 1)))]
 
 
-def machine() -> str:
-    """One line naming the machine and software."""
-    import torch
+# CPU flags (as /proc/cpuinfo names them) that decide which kernels torch and OpenVINO can use.
+VECTOR_EXTENSIONS = {
+    "avx2": "AVX2",
+    "avx512f": "AVX-512",
+    "avx512_vnni": "AVX-512 VNNI",
+    "avx_vnni": "AVX-VNNI",
+    "avx512_bf16": "AVX-512 BF16",
+    "amx_bf16": "AMX-BF16",
+    "amx_int8": "AMX-INT8",
+}
 
-    cpu = platform.processor() or platform.machine()
+
+def cpu_description() -> tuple[str, list[str]]:
+    """The CPU model name and its vector extensions that matter for inference (e.g. ``["AVX2", "AVX-512"]``)."""
+    cpu, flags = platform.processor() or platform.machine(), set()
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
+            key, _, value = line.partition(":")
+            if key.strip() == "model name" and cpu == (platform.processor() or platform.machine()):
+                cpu = value.strip()
+            elif key.strip() == "flags" and not flags:
+                flags = set(value.split())
     except OSError:
         pass
-    return (f"{cpu}, {os.cpu_count()} cores visible, Python {platform.python_version()}, "
-            f"torch {torch.__version__}")
+    return cpu, [name for flag, name in VECTOR_EXTENSIONS.items() if flag in flags]
+
+
+def machine() -> str:
+    """One line naming the machine (CPU model and vector extensions) and software."""
+    import torch
+
+    cpu, extensions = cpu_description()
+    return (f"{cpu} ({', '.join(extensions) or 'no AVX2'}), {os.cpu_count()} cores visible, "
+            f"Python {platform.python_version()}, torch {torch.__version__}")

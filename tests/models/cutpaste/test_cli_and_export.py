@@ -17,7 +17,9 @@ from anomalib.engine import Engine
 from torchvision.io import ImageReadMode, read_image
 
 from isstad_plugin import Cutpaste
+from isstad_plugin.deploy import openvino_config
 from tests.conftest import REPO
+from tests.parity import assert_decisions_agree
 
 BIN = Path(sys.executable).parent
 METRICS = ("image_AUROC", "image_F1Score", "pixel_AUROC", "pixel_F1Score", "pixel_AUPRO")
@@ -101,9 +103,9 @@ def assert_parity(outputs: dict[str, np.ndarray], reference: object) -> None:
     for name in ("pred_score", "anomaly_map"):
         expected = getattr(reference, name).numpy()
         np.testing.assert_allclose(outputs[name], expected, rtol=1e-4, atol=1e-4 * np.abs(expected).max())
-    for name, source in (("pred_label", "pred_score"), ("pred_mask", "anomaly_map")):
-        decided = np.abs(getattr(reference, source).numpy() - 0.5) > 1e-4  # normalised threshold is 0.5
-        np.testing.assert_array_equal(outputs[name][decided], getattr(reference, name).numpy()[decided])
+    expected = {name: getattr(reference, name).numpy() for name in ("pred_score", "anomaly_map", "pred_label",
+                                                                    "pred_mask")}
+    assert_decisions_agree(outputs, expected, margin=1e-4)
 
 
 def test_onnx_and_openvino_exports_match_torch(trained_checkpoint: Path, tile_root: Path, tmp_path: Path) -> None:
@@ -122,6 +124,6 @@ def test_onnx_and_openvino_exports_match_torch(trained_checkpoint: Path, tile_ro
     assert_parity({o.name: v for o, v in zip(session.get_outputs(), values, strict=True)}, reference)
 
     xml_path = engine.export(model, ExportType.OPENVINO, export_root=tmp_path, input_size=(SIZE, SIZE))
-    compiled = ov.Core().compile_model(str(xml_path), "CPU", {"INFERENCE_PRECISION_HINT": "f32"})
+    compiled = ov.Core().compile_model(str(xml_path), "CPU", openvino_config("f32"))
     result = compiled(images.numpy())
     assert_parity({port.get_any_name(): result[port] for port in compiled.outputs}, reference)
