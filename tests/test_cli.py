@@ -40,9 +40,9 @@ def trained_checkpoint(tile_root: Path, tmp_path_factory: pytest.TempPathFactory
                  "--trainer.enable_progress_bar", "false", "--default_root_dir", out, cwd=out)
     for metric in ("image_AUROC", "image_F1Score", "pixel_AUROC", "pixel_F1Score", "pixel_AUPRO"):
         assert metric in result.stdout + result.stderr
-    checkpoints = list(out.rglob("*.ckpt"))
-    assert len(checkpoints) == 1
-    return checkpoints[0]
+    checkpoints = {path.name: path for path in out.rglob("*.ckpt")}
+    assert sorted(checkpoints) == ["model.ckpt", "stage1.ckpt"]  # the trained model, and the MAE after stage 1
+    return checkpoints["model.ckpt"]
 
 
 @pytest.mark.parametrize("spelling", ["Isstad", "isstad_plugin.Isstad"])

@@ -32,12 +32,14 @@ from timm.optim import param_groups_weight_decay
 from torch import nn
 from torchvision.transforms.v2 import Compose, Normalize, Resize
 
+from isstad_plugin.data_cache import cache_train_data
 from isstad_plugin.data_checks import check_dataset
 from isstad_plugin.models.evaluation import image_and_pixel_evaluator
 
 from .corruption import MVTEC_AD_PRESETS, SyntheticCorruption, preset_for_category
 from .loss import Stage2Loss, masked_patch_mse
-from .stages import StagePlan, TwoStageSchedule, warmup_cosine_factor
+from .optim import adamw
+from .stages import StageCheckpoint, StagePlan, TwoStageSchedule, warmup_cosine_factor
 from .torch_model import IMAGENET_MEAN, IMAGENET_STD, IsstadModel
 from .weights import WeightsNotFoundError, load_weights
 
@@ -97,6 +99,13 @@ class Isstad(AnomalibModule):
         normalization: Input scaling inside the network; must match the weights: ``imagenet`` (ImageNet
             mean/std: MAE release, timm MAE, the authors' stage 1) or ``symmetric`` (mean = std = 0.5, i.e.
             [-1, 1]: the authors' stage-2 ``net_ad.pth``).
+        val_every_n_epochs: Validation (thresholds, metrics) every this many stage-2 epochs; 0: only after the
+            last epoch. Never in stage 1. Ignored when the trainer sets ``check_val_every_n_epoch`` or
+            ``val_check_interval`` (the user's cadence wins).
+        checkpoint_every_n_epochs: Besides the end of each stage, rewrite ``model.ckpt`` every this many epochs
+            (0: stage ends only). Applies to anomalib's default checkpoint; a user's ``ModelCheckpoint`` is kept.
+        train_cache_gb: Decode and resize the training images once and keep them in memory when they fit in this
+            many GB (0: decode them every epoch, as anomalib does). Skipped with random train augmentations.
         pre_processor: Pre-processor; the default resizes only (normalisation is inside the torch model).
         post_processor: Post-processor (thresholds and normalisation learnt on the validation split).
         evaluator: Evaluator; the default computes image AUROC/F1 and pixel AUROC/F1/AUPRO.
@@ -136,12 +145,21 @@ class Isstad(AnomalibModule):
         score_sigma: float = 4.0,
         weights: str | None = None,
         normalization: Normalization = "imagenet",
+        val_every_n_epochs: int = 0,
+        checkpoint_every_n_epochs: int = 10,
+        train_cache_gb: float = 2.0,
         pre_processor: nn.Module | bool = True,
         post_processor: nn.Module | bool = True,
         evaluator: Evaluator | bool = True,
         visualizer: Visualizer | bool = True,
     ) -> None:
         _check_arguments(stage1_epochs, stage2_epochs, mask_ratio, reconstruction_target, image_size, patch_size)
+        for name, value in (("val_every_n_epochs", val_every_n_epochs),
+                            ("checkpoint_every_n_epochs", checkpoint_every_n_epochs),
+                            ("train_cache_gb", train_cache_gb)):
+            if not value >= 0:  # also refuses NaN
+                msg = f"{name} must be >= 0 (0 switches it off), got {value}."
+                raise ValueError(msg)
         if normalization not in NORMALIZATIONS:
             msg = f"normalization must be one of {sorted(NORMALIZATIONS)}, got {normalization!r}."
             raise ValueError(msg)
@@ -215,9 +233,14 @@ class Isstad(AnomalibModule):
         return {"num_sanity_val_steps": 0}
 
     def configure_callbacks(self) -> Sequence[Callback]:
-        """anomalib's component callbacks plus the two-stage schedule; checks the data before anything runs."""
+        """anomalib's component callbacks, the two-stage schedule, and per-stage checkpoints in place of the
+        Engine's every-epoch default (a user's own checkpoint callback is kept); checks the data first."""
         self._check_datamodule()
-        return [*super().configure_callbacks(), TwoStageSchedule()]
+        callbacks = [*super().configure_callbacks(), TwoStageSchedule()]
+        default = StageCheckpoint.replaces(self.trainer.callbacks) if self._trainer is not None else None
+        if default is not None:  # Lightning replaces the trainer's checkpoint callback by this one
+            callbacks.append(StageCheckpoint(default.dirpath, self.hparams.checkpoint_every_n_epochs))
+        return callbacks
 
     # ------------------------------------------------------------------ weights
     def setup(self, stage: str) -> None:
@@ -272,6 +295,7 @@ class Isstad(AnomalibModule):
         """Check the weights; pick the corruption preset for the datamodule's category and seed per rank."""
         self._require_network()
         self._check_data("train", "val")
+        logger.info("ISSTAD: %s", cache_train_data(self.trainer.datamodule, self.hparams.train_cache_gb))
         category = getattr(self.trainer.datamodule, "category", None)
         preset = preset_for_category(category)
         hp = self.hparams
@@ -324,7 +348,7 @@ class Isstad(AnomalibModule):
             steps_per_epoch = self._steps_per_epoch()
             lr = hp.stage1_base_lr * self._effective_batch_size() / 256
             groups = param_groups_weight_decay(self.model, hp.stage1_weight_decay)
-            optimizer = torch.optim.AdamW(groups, lr=lr, betas=tuple(hp.stage1_betas))
+            optimizer = adamw(groups, self.device, lr=lr, betas=tuple(hp.stage1_betas))
             warmup = self.stage_plan.stage1_warmup_epochs * steps_per_epoch
             total = self.stage_plan.stage1_epochs * steps_per_epoch
             scheduler = torch.optim.lr_scheduler.LambdaLR(
@@ -333,7 +357,7 @@ class Isstad(AnomalibModule):
             )
             return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
         groups = param_groups_weight_decay(self.model, hp.stage2_weight_decay)  # frozen encoder is skipped
-        optimizer = torch.optim.AdamW(groups, lr=hp.stage2_lr, betas=tuple(hp.stage2_betas))
+        optimizer = adamw(groups, self.device, lr=hp.stage2_lr, betas=tuple(hp.stage2_betas))
         scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(
             optimizer,
             T_max=self.stage_plan.stage2_cosine_epochs,

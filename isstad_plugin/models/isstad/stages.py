@@ -5,6 +5,13 @@ and heads on synthetically corrupted images. :class:`TwoStageSchedule` (a callba
 through ``configure_callbacks``) fits the plan to the trainer's epoch budget, switches stage at the planned
 epoch (freeze, new optimiser and scheduler) and the model keeps the stage and plan in its checkpoint, so a
 run resumed with ``ckpt_path`` continues in the right stage with the right schedule.
+
+Validation and checkpoints happen when they mean something: :class:`TwoStageSchedule` skips validation in
+stage 1 (untrained pixel heads) and runs it in stage 2 at the model's ``val_every_n_epochs`` cadence and after
+the last epoch, unless the user chose a cadence (``trainer.check_val_every_n_epoch`` or ``val_check_interval``);
+:class:`StageCheckpoint` replaces anomalib's default every-epoch ``model.ckpt`` with one written at the end of
+each stage (plus ``stage1.ckpt``) and every ``checkpoint_every_n_epochs``. A user's own ``ModelCheckpoint`` is
+left as it is.
 """
 
 from __future__ import annotations
@@ -12,9 +19,12 @@ from __future__ import annotations
 import logging
 import math
 from dataclasses import asdict, dataclass
+from pathlib import Path
 from typing import TYPE_CHECKING
 
+from anomalib.callbacks.checkpoint import ModelCheckpoint
 from lightning.pytorch import Callback, LightningModule, Trainer
+from lightning.pytorch.callbacks import ModelCheckpoint as LightningModelCheckpoint
 from lightning.pytorch.strategies import DDPStrategy
 
 if TYPE_CHECKING:
@@ -42,6 +52,23 @@ class StagePlan:
     def stage_at(self, epoch: int) -> int:
         """Stage (1 or 2) that trains during ``epoch`` (0-based)."""
         return 1 if epoch < self.stage1_epochs else 2
+
+    def validates_after(self, epoch: int, every_n_epochs: int) -> bool:
+        """Whether validation (thresholds, metrics) runs after ``epoch`` (0-based).
+
+        Never in stage 1 (the pixel-status heads are untrained then, so scores mean nothing); in stage 2 every
+        ``every_n_epochs`` epochs counted from the stage's start (0: none before the end); always after the last.
+        """
+        if epoch + 1 >= self.total_epochs:
+            return True
+        if self.stage_at(epoch) == 1 or every_n_epochs <= 0:
+            return False
+        return (epoch + 1 - self.stage1_epochs) % every_n_epochs == 0
+
+    def checkpoints_after(self, epoch: int, every_n_epochs: int) -> bool:
+        """Whether a checkpoint is written after ``epoch``: at the end of each stage and every ``every_n_epochs``."""
+        done = epoch + 1
+        return done in {self.stage1_epochs, self.total_epochs} or (every_n_epochs > 0 and done % every_n_epochs == 0)
 
     def to_dict(self) -> dict[str, float]:
         """Plain data for the checkpoint."""
@@ -96,10 +123,13 @@ def warmup_cosine_factor(step: int, warmup_steps: float, total_steps: int) -> fl
 
 
 class TwoStageSchedule(Callback):
-    """Fits the stage plan to the trainer's budget and switches ISSTAD from stage 1 to stage 2."""
+    """Fits the stage plan to the trainer's budget, switches ISSTAD from stage 1 to stage 2, paces validation."""
+
+    def __init__(self) -> None:
+        self._user_val_limit: int | float | None = None  # set while this callback paces validation
 
     def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
-        """Plan the stages (fit only) and cap ``max_epochs`` at the plan's end."""
+        """Plan the stages (fit only), cap ``max_epochs`` at the plan's end, take over validation pacing."""
         if stage != "fit":
             return
         if isinstance(trainer.strategy, DDPStrategy):
@@ -107,29 +137,97 @@ class TwoStageSchedule(Callback):
             # parameters that get no gradient (set before the strategy wraps the model).
             trainer.strategy._ddp_kwargs.setdefault("find_unused_parameters", True)  # noqa: SLF001
         model: Isstad = pl_module  # type: ignore[assignment]
-        budget = trainer.max_epochs
-        if budget == LIGHTNING_DEFAULT_MAX_EPOCHS and trainer.max_steps == -1:
-            budget = None  # Lightning's default, not a user's choice: the stages decide the length.
-        plan, message = StagePlan.fit_budget(
-            model.hparams.stage1_epochs,
-            model.hparams.stage2_epochs,
-            model.hparams.stage1_warmup_epochs,
-            model.hparams.stage2_cosine_epochs,
-            budget,
-        )
+        plan, message = plan_for_trainer(trainer, model.hparams)
         if message:
             logger.info(message)
         model.stage_plan = plan
         if trainer.max_epochs is None or trainer.max_epochs < 0 or trainer.max_epochs > plan.total_epochs:
             trainer.fit_loop.max_epochs = plan.total_epochs
         model.enter_stage(plan.stage_at(0))
+        # Lightning's defaults (every epoch, once per epoch) mean nobody chose a cadence: pace it ourselves.
+        if trainer.check_val_every_n_epoch == 1 and trainer.val_check_interval == 1.0:
+            self._user_val_limit = trainer.limit_val_batches
+            every = model.hparams.get("val_every_n_epochs", 0)
+            logger.info("ISSTAD validates in stage 2 only: %s (set trainer.check_val_every_n_epoch to choose).",
+                        f"every {every} epochs and after the last" if every else "after the last epoch")
 
     def on_train_epoch_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        """Switch stage when the plan says so: freeze the encoder and rebuild optimiser and scheduler."""
+        """Switch stage when the plan says so (freeze the encoder, rebuild optimiser and scheduler); switch
+        validation on for the epochs the plan validates after, off for the others."""
         model: Isstad = pl_module  # type: ignore[assignment]
-        wanted = model.stage_plan.stage_at(trainer.current_epoch)
+        epoch = trainer.current_epoch
+        if self._user_val_limit is not None:
+            validate = model.stage_plan.validates_after(epoch, model.hparams.get("val_every_n_epochs", 0))
+            trainer.limit_val_batches = self._user_val_limit if validate else 0
+        wanted = model.stage_plan.stage_at(epoch)
         if wanted == model.stage:
             return
         model.enter_stage(wanted)
         trainer.strategy.setup_optimizers(trainer)
-        logger.info("ISSTAD: entering stage %d at epoch %d.", wanted, trainer.current_epoch)
+        logger.info("ISSTAD: entering stage %d at epoch %d.", wanted, epoch)
+
+    def teardown(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
+        """Give the trainer its validation limit back (a later ``validate``/``test`` call sees the user's)."""
+        del pl_module, stage
+        if self._user_val_limit is not None:
+            trainer.limit_val_batches = self._user_val_limit
+            self._user_val_limit = None
+
+
+def plan_for_trainer(trainer: Trainer, hparams: dict) -> tuple[StagePlan, str | None]:
+    """The stage plan for this trainer's epoch budget (Lightning's default budget means: the stages decide)."""
+    budget = trainer.max_epochs
+    if budget == LIGHTNING_DEFAULT_MAX_EPOCHS and trainer.max_steps == -1:
+        budget = None  # Lightning's default, not a user's choice: the stages decide the length.
+    return StagePlan.fit_budget(
+        hparams["stage1_epochs"],
+        hparams["stage2_epochs"],
+        hparams["stage1_warmup_epochs"],
+        hparams["stage2_cosine_epochs"],
+        budget,
+    )
+
+
+class StageCheckpoint(ModelCheckpoint):
+    """anomalib's ``model.ckpt``, written at the end of each stage and every ``every_n_epochs`` (0: stage ends only).
+
+    The end of stage 1 also leaves ``stage1.ckpt`` beside it: the MAE on its own, from which stage-2 variants
+    can start (``weights=.../stage1.ckpt, stage1_epochs=0``). The last write is the trained model, after the
+    final validation, so ``test``, ``predict`` and ``export`` use it as they use anomalib's default.
+    """
+
+    def __init__(self, dirpath: str | Path, every_n_epochs: int = 0) -> None:
+        super().__init__(dirpath=dirpath, filename="model", auto_insert_metric_name=False, save_on_train_epoch_end=True)
+        self.stage_every_n_epochs = every_n_epochs
+
+    def on_train_epoch_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        """Save only when the plan says so (see :meth:`StagePlan.checkpoints_after`)."""
+        plan: StagePlan = pl_module.stage_plan  # type: ignore[assignment]
+        epoch = trainer.current_epoch
+        if not plan.checkpoints_after(epoch, self.stage_every_n_epochs):
+            return
+        if epoch + 1 == plan.stage1_epochs and self.dirpath and not self._should_skip_saving_checkpoint(trainer):
+            trainer.save_checkpoint(Path(self.dirpath) / "stage1.ckpt")  # before model.ckpt marks this step saved
+        super().on_train_epoch_end(trainer, pl_module)
+
+    @staticmethod
+    def replaces(callbacks: list[Callback]) -> ModelCheckpoint | None:
+        """anomalib Engine's own default checkpoint among ``callbacks`` (the only one), else None.
+
+        The Engine adds ``ModelCheckpoint(dirpath=<root>/weights/lightning, filename="model")`` when the user
+        gave none; that one (and only that one) is ours to replace.
+        """
+        checkpoints = [c for c in callbacks if isinstance(c, LightningModelCheckpoint)]
+        if len(checkpoints) != 1:
+            return None
+        (checkpoint,) = checkpoints
+        is_default = (
+            type(checkpoint) is ModelCheckpoint
+            and checkpoint.filename == "model"
+            and checkpoint.monitor is None
+            and not checkpoint.save_last
+            and checkpoint.save_top_k == 1
+            and checkpoint.dirpath is not None
+            and Path(checkpoint.dirpath).parts[-2:] == ("weights", "lightning")
+        )
+        return checkpoint if is_default else None

@@ -206,9 +206,15 @@ class IsstadModel(nn.Module):
         return [p for p in self.parameters() if id(p) not in encoder_ids]
 
     def freeze_encoder(self, frozen: bool = True) -> None:
-        """Freeze (stage 2) or unfreeze (stage 1) the encoder; a frozen encoder runs without autograd."""
+        """Freeze (stage 2) or unfreeze (stage 1) the encoder; a frozen encoder runs without autograd.
+
+        Freezing also drops the gradients of stage 1's last step: no optimiser holds the frozen parameters any
+        more, so nothing else would clear them (and they would keep their memory).
+        """
         for param in self.encoder_parameters():
             param.requires_grad_(not frozen)
+            if frozen:
+                param.grad = None
         self.encoder_frozen = frozen
 
     # ------------------------------------------------------------------ tensor plumbing

@@ -157,3 +157,60 @@ def test_missing_data_root_fails_early_with_the_path(tiny_model_args: dict, tmp_
 def test_image_size_not_divisible_by_patch_is_refused() -> None:
     with pytest.raises(ValueError, match=r"image_size=100 is not a multiple of patch_size=16; use e.g. image_size=96"):
         Isstad(backbone="vit_tiny", image_size=100)
+
+
+class Cadence(Callback):
+    """Records the epochs after which validation ran and checkpoints were written."""
+
+    def __init__(self) -> None:
+        self.validated: list[int] = []
+        self.saved: list[int] = []
+
+    def on_validation_start(self, trainer, pl_module) -> None:  # noqa: ANN001
+        self.validated.append(trainer.current_epoch)
+
+    def on_save_checkpoint(self, trainer, pl_module, checkpoint) -> None:  # noqa: ANN001
+        self.saved.append(trainer.current_epoch)
+
+
+@pytest.mark.parametrize(("val_every", "validated"), [(0, [4]), (2, [3, 4])], ids=["at-the-end", "every-2"])
+def test_validation_and_checkpoints_follow_the_stages(
+    tile_root: Path, tiny_model_args: dict, tmp_path: Path, val_every: int, validated: list[int],
+) -> None:
+    """No validation in stage 1; model.ckpt at each stage end (plus stage1.ckpt), not after every epoch."""
+    model = Isstad(**tiny_model_args, stage1_epochs=2, stage2_epochs=3, val_every_n_epochs=val_every,
+                   checkpoint_every_n_epochs=0)
+    cadence = Cadence()
+    eng = engine(tmp_path, callbacks=[cadence])
+    eng.fit(model=model, datamodule=datamodule(tile_root))
+    assert cadence.validated == validated
+    assert cadence.saved == [1, 1, 4]  # stage1.ckpt and model.ckpt after stage 1, model.ckpt after the last epoch
+    (weights,) = {path.parent for path in tmp_path.rglob("*.ckpt")}  # <root>/Isstad/MVTecAD/<category>/v0/...
+    assert weights.parts[-2:] == ("weights", "lightning")
+    assert sorted(p.name for p in weights.iterdir()) == ["model.ckpt", "stage1.ckpt"]
+    assert torch.load(weights / "stage1.ckpt", weights_only=True)["isstad_stage"] == 1
+    final = torch.load(weights / "model.ckpt", weights_only=True)
+    assert (final["isstad_stage"], final["epoch"]) == (2, 4)
+    assert eng.trainer.limit_val_batches == 1.0  # the trainer's own setting is given back
+    metrics = eng.test(model=model, datamodule=datamodule(tile_root), ckpt_path=weights / "model.ckpt")[0]
+    assert set(metrics) == METRICS
+
+
+def test_a_cadence_the_user_chose_is_kept(tile_root: Path, tiny_model_args: dict, tmp_path: Path) -> None:
+    """trainer.check_val_every_n_epoch and a user's ModelCheckpoint win over the model's defaults: validation in
+    stage 1 too, and the user's callback saves as Lightning makes it (after each validation, at this cadence)."""
+    model = Isstad(**tiny_model_args, stage1_epochs=2, stage2_epochs=2)
+    cadence = Cadence()
+    every_epoch = ModelCheckpoint(dirpath=tmp_path / "mine", filename="{epoch}", save_top_k=-1)
+    engine(tmp_path, callbacks=[cadence, every_epoch], check_val_every_n_epoch=2).fit(
+        model=model, datamodule=datamodule(tile_root))
+    assert cadence.validated == [1, 3]
+    assert sorted(p.name for p in (tmp_path / "mine").iterdir()) == ["epoch=1.ckpt", "epoch=3.ckpt"]
+    assert [p.name for p in tmp_path.rglob("*.ckpt") if p.parent.name != "mine"] == []  # no model.ckpt of ours
+
+
+def test_configure_optimizers_uses_the_fused_adamw(tile_root: Path, tiny_model_args: dict, tmp_path: Path) -> None:
+    model = Isstad(**tiny_model_args, stage1_epochs=1, stage2_epochs=1)
+    eng = engine(tmp_path)
+    eng.fit(model=model, datamodule=datamodule(tile_root))
+    assert eng.trainer.optimizers[0].defaults["fused"] is True

@@ -1,0 +1,103 @@
+"""Decode and resize the training images once per fit, not once per epoch.
+
+anomalib datamodules decode every PNG and resize it (the model's ``Resize`` is appended to each subset's
+augmentations) in every epoch, in DataLoader workers that are started again each epoch. For ISSTAD's hundreds of
+epochs over a few hundred images that is most of the data cost. :func:`cache_train_data` reads the training
+subset once (through the datamodule's own workers), keeps anomalib's items in memory and gives the datamodule a
+train loader over them with no workers. It wraps anomalib's dataset (every attribute still answers) and changes
+nothing when the subset's augmentations are random (a cache would freeze them) or the items would not fit in the
+memory budget; the log line says which, and how much memory the cache took.
+
+Stage 1's random crops and stage 2's corruption run on the batch, every step, on the batch's device, as before.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterator
+from types import MethodType
+from typing import Any
+
+import torch
+from torch import nn
+from torch.utils.data import DataLoader, Dataset
+from torchvision.transforms.v2 import Resize
+from tqdm import tqdm
+
+logger = logging.getLogger(__name__)
+
+
+class InMemoryDataset(Dataset):
+    """anomalib's dataset with every item decoded once; any other attribute is the wrapped dataset's."""
+
+    def __init__(self, dataset: Dataset, items: list[Any]) -> None:
+        self.dataset = dataset
+        self.items = items
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def __getitem__(self, index: int) -> Any:  # noqa: ANN401
+        return self.items[index]
+
+    def __getattr__(self, name: str) -> Any:  # noqa: ANN401
+        if name in {"dataset", "items"}:  # not set yet (unpickling): no recursion
+            raise AttributeError(name)
+        return getattr(self.dataset, name)
+
+
+def _leaves(transform: nn.Module | None) -> Iterator[nn.Module]:
+    if transform is None:
+        return
+    children = getattr(transform, "transforms", None)
+    if children:
+        for child in children:
+            yield from _leaves(child)
+    else:
+        yield transform
+
+
+def _item_bytes(item: Any) -> int:  # noqa: ANN401
+    values = vars(item).values() if hasattr(item, "__dict__") else [getattr(item, f) for f in item.__dataclass_fields__]
+    return sum(v.nbytes for v in values if isinstance(v, torch.Tensor))
+
+
+def _cached_train_dataloader(self: Any) -> DataLoader:  # noqa: ANN401
+    """The datamodule's train loader over decoded items: same shuffling and batches, no worker processes."""
+    return DataLoader(
+        dataset=self.train_data,
+        shuffle=True,
+        batch_size=self.train_batch_size,
+        num_workers=0,
+        collate_fn=getattr(self, "external_collate_fn", None) or self.train_data.collate_fn,
+    )
+
+
+def cache_train_data(datamodule: Any, budget_gb: float) -> str:  # noqa: ANN401
+    """Keep ``datamodule.train_data`` decoded in memory if it fits in ``budget_gb``; return what was done.
+
+    Idempotent: a second call (e.g. a second ``fit``) finds the cache and keeps it.
+    """
+    dataset = getattr(datamodule, "train_data", None)
+    if dataset is None or budget_gb <= 0:
+        return "training images decoded every epoch (train_cache_gb=0)."
+    if isinstance(dataset, InMemoryDataset):
+        return f"training images already in memory ({len(dataset)} images)."
+    random = [type(t).__name__ for t in _leaves(getattr(dataset, "augmentations", None)) if not isinstance(t, Resize)]
+    if random:
+        return f"training images decoded every epoch: train augmentations {random} are random, a cache would freeze them."
+    if len(dataset) == 0:
+        return "training images: none to cache."
+    estimate = _item_bytes(dataset[0]) * len(dataset)
+    if estimate > budget_gb * 1e9:
+        return (f"training images decoded every epoch: {len(dataset)} images need ~{estimate / 1e9:.1f} GB, more than "
+                f"train_cache_gb={budget_gb:g}.")
+    loader = DataLoader(dataset, batch_size=None, shuffle=False, num_workers=getattr(datamodule, "num_workers", 0))
+    items = list(tqdm(loader, total=len(dataset), desc="ISSTAD: decoding training images once", leave=False,
+                      disable=None))
+    datamodule.train_data = InMemoryDataset(dataset, items)
+    # An instance attribute: this datamodule object's train loader, for this process only; its class is untouched.
+    datamodule.train_dataloader = MethodType(_cached_train_dataloader, datamodule)
+    size = tuple(items[0].image.shape[-2:])
+    return (f"{len(items)} training images decoded once and kept in memory at {size[0]}x{size[1]} "
+            f"({sum(_item_bytes(i) for i in items) / 1e6:.0f} MB); train loader without worker processes.")
