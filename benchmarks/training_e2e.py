@@ -70,12 +70,12 @@ def config_for(root: Path, category: str, size: int, epochs: tuple[int, int], ti
     return config
 
 
-def per_stage_seconds(rows: list[dict]) -> dict[int, list[float]]:
-    """Epoch durations grouped by stage, from the timer's stamps."""
+def per_stage_seconds(rows: list[dict], stage1_epochs: int) -> dict[int, list[float]]:
+    """Epoch durations grouped by stage (from the epoch index: the timer may run before the stage switch)."""
     durations: dict[int, list[float]] = {1: [], 2: []}
     for row, following in zip(rows, rows[1:], strict=False):
         if row["event"] == "epoch_start":
-            durations[row["stage"]].append(following["time"] - row["time"])
+            durations[1 if row["epoch"] < stage1_epochs else 2].append(following["time"] - row["time"])
     return durations
 
 
@@ -96,7 +96,7 @@ def time_cli(plugin_path: Path, root: Path, category: str, size: int, epochs: tu
         raise RuntimeError(msg)
     rows = [json.loads(line) for line in timer.read_text().splitlines()]
     shutil.rmtree(run_dir / "results", ignore_errors=True)  # checkpoints: tens of MB each
-    return {"durations": per_stage_seconds(rows), "images": rows[0]["images"], "setup": rows[0]["time"] - start,
+    return {"durations": per_stage_seconds(rows, epochs[0]), "images": rows[0]["images"], "setup": rows[0]["time"] - start,
             "total": total}
 
 

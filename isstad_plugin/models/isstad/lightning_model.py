@@ -244,14 +244,19 @@ class Isstad(AnomalibModule):
 
     # ------------------------------------------------------------------ weights
     def setup(self, stage: str) -> None:
-        """Load ``weights`` into the network once, when the first fit/validate/test/predict starts.
+        """For fit: check the training files and cache them (see :mod:`isstad_plugin.data_cache`). Load
+        ``weights`` into the network once, when the first fit/validate/test/predict starts.
 
-        Later calls on the same object, and a model restored by ``load_from_checkpoint``, do not load it again.
-        Lightning restores a ``ckpt_path`` only after ``setup``: a file present then is loaded and overwritten
-        by the checkpoint; a missing file is tolerated until the restore, and the run fails in its first
-        ``on_*_start`` hook if no checkpoint provided the network.
+        The cache is made here, after the datamodule's own setup and before Lightning first builds the train
+        loader (stage 1's schedule asks for the number of steps while the optimisers are configured).
+        Later calls on the same object, and a model restored by ``load_from_checkpoint``, do not load ``weights``
+        again. Lightning restores a ``ckpt_path`` only after ``setup``: a file present then is loaded and
+        overwritten by the checkpoint; a missing file is tolerated until the restore, and the run fails in its
+        first ``on_*_start`` hook if no checkpoint provided the network.
         """
-        del stage
+        if stage == "fit" and self._trainer is not None and self.trainer.datamodule is not None:
+            self._check_data("train", "val")
+            logger.info("ISSTAD: %s", cache_train_data(self.trainer.datamodule, self.hparams.train_cache_gb))
         if self.hparams.weights is None or self._weights_status in {"loaded", "checkpoint"}:
             return
         try:
@@ -294,8 +299,6 @@ class Isstad(AnomalibModule):
     def on_fit_start(self) -> None:
         """Check the weights; pick the corruption preset for the datamodule's category and seed per rank."""
         self._require_network()
-        self._check_data("train", "val")
-        logger.info("ISSTAD: %s", cache_train_data(self.trainer.datamodule, self.hparams.train_cache_gb))
         category = getattr(self.trainer.datamodule, "category", None)
         preset = preset_for_category(category)
         hp = self.hparams

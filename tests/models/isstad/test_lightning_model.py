@@ -214,3 +214,29 @@ def test_configure_optimizers_uses_the_fused_adamw(tile_root: Path, tiny_model_a
     eng = engine(tmp_path)
     eng.fit(model=model, datamodule=datamodule(tile_root))
     assert eng.trainer.optimizers[0].defaults["fused"] is True
+
+
+class LoaderWatch(Callback):
+    """Records what the fit loop really iterates over in each epoch."""
+
+    def __init__(self) -> None:
+        self.seen: list[tuple[str, int]] = []
+
+    def on_train_epoch_start(self, trainer, pl_module) -> None:  # noqa: ANN001
+        loader = trainer.train_dataloader
+        self.seen.append((type(loader.dataset).__name__, loader.num_workers))
+
+
+def test_fit_trains_on_images_decoded_once(tile_root: Path, tiny_model_args: dict, tmp_path: Path) -> None:
+    """The loader of every epoch, stage 1's included, is the in-memory one (no worker processes), though the
+    datamodule asks for workers; train_cache_gb=0 keeps anomalib's loader."""
+    watch = LoaderWatch()
+    workers = MVTecAD(root=tile_root, category="magnetic_tile", train_batch_size=8, eval_batch_size=8, num_workers=2)
+    engine(tmp_path / "cached", callbacks=[watch]).fit(
+        model=Isstad(**tiny_model_args, stage1_epochs=1, stage2_epochs=1), datamodule=workers)
+    assert watch.seen == [("InMemoryDataset", 0), ("InMemoryDataset", 0)]
+    watch = LoaderWatch()
+    engine(tmp_path / "plain", callbacks=[watch]).fit(
+        model=Isstad(**tiny_model_args, stage1_epochs=1, stage2_epochs=1, train_cache_gb=0),
+        datamodule=datamodule(tile_root))
+    assert watch.seen == [("MVTecADDataset", 0), ("MVTecADDataset", 0)]
