@@ -57,9 +57,23 @@ def _leaves(transform: nn.Module | None) -> Iterator[nn.Module]:
         yield transform
 
 
+def _tensor_fields(item: Any) -> dict[str, torch.Tensor]:  # noqa: ANN401
+    """The tensor-valued fields of an anomalib item (a dataclass)."""
+    names = item.__dataclass_fields__ if hasattr(item, "__dataclass_fields__") else vars(item)
+    return {name: value for name in names if isinstance(value := getattr(item, name), torch.Tensor)}
+
+
 def _item_bytes(item: Any) -> int:  # noqa: ANN401
-    values = vars(item).values() if hasattr(item, "__dict__") else [getattr(item, f) for f in item.__dataclass_fields__]
-    return sum(v.nbytes for v in values if isinstance(v, torch.Tensor))
+    return sum(value.nbytes for value in _tensor_fields(item).values())
+
+
+def _own_memory(item: Any) -> Any:  # noqa: ANN401
+    """``item`` with its tensors copied out of the worker's shared memory (one file descriptor each otherwise:
+    thousands of kept items would exhaust the process's limit)."""
+    for name, value in _tensor_fields(item).items():
+        if value.is_shared():
+            setattr(item, name, value.clone())
+    return item
 
 
 def _cached_train_dataloader(self: Any) -> DataLoader:  # noqa: ANN401
@@ -76,13 +90,19 @@ def _cached_train_dataloader(self: Any) -> DataLoader:  # noqa: ANN401
 def cache_train_data(datamodule: Any, budget_gb: float) -> str:  # noqa: ANN401
     """Keep ``datamodule.train_data`` decoded in memory if it fits in ``budget_gb``; return what was done.
 
-    Idempotent: a second call (e.g. a second ``fit``) finds the cache and keeps it.
+    Idempotent: a second call (e.g. a second ``fit``) finds the cache and keeps it, unless the subset's resize
+    changed since (a model of another size): then it decodes again.
     """
     dataset = getattr(datamodule, "train_data", None)
     if dataset is None or budget_gb <= 0:
         return "training images decoded every epoch (train_cache_gb=0)."
     if isinstance(dataset, InMemoryDataset):
-        return f"training images already in memory ({len(dataset)} images)."
+        # anomalib's datamodule.setup sets the (next) model's resize on the subset: here, on the wrapper.
+        wanted = vars(dataset).get("augmentations", dataset.dataset.augmentations)
+        if repr(wanted) == repr(dataset.dataset.augmentations):
+            return f"training images already in memory ({len(dataset)} images)."
+        dataset.dataset.augmentations = wanted  # another model size: decode again at that size
+        dataset = datamodule.train_data = dataset.dataset
     random = [type(t).__name__ for t in _leaves(getattr(dataset, "augmentations", None)) if not isinstance(t, Resize)]
     if random:
         return f"training images decoded every epoch: train augmentations {random} are random, a cache would freeze them."
@@ -93,8 +113,8 @@ def cache_train_data(datamodule: Any, budget_gb: float) -> str:  # noqa: ANN401
         return (f"training images decoded every epoch: {len(dataset)} images need ~{estimate / 1e9:.1f} GB, more than "
                 f"train_cache_gb={budget_gb:g}.")
     loader = DataLoader(dataset, batch_size=None, shuffle=False, num_workers=getattr(datamodule, "num_workers", 0))
-    items = list(tqdm(loader, total=len(dataset), desc="ISSTAD: decoding training images once", leave=False,
-                      disable=None))
+    items = [_own_memory(item) for item in tqdm(loader, total=len(dataset), leave=False, disable=None,
+                                                 desc="ISSTAD: decoding training images once")]
     datamodule.train_data = InMemoryDataset(dataset, items)
     # An instance attribute: this datamodule object's train loader, for this process only; its class is untouched.
     datamodule.train_dataloader = MethodType(_cached_train_dataloader, datamodule)

@@ -13,6 +13,10 @@ anomalib has no plugin registry; these make ``--model isstad``, ``--model Isstad
 - :func:`enable_case_insensitive_model_names`, run when anomalib's CLI module is imported, lets the CLI
   resolve a class name the way ``get_model`` does (case-insensitive, snake_case accepted), which stock
   anomalib lacks even for its own models;
+- :func:`enable_cli_seed_for_plugin_models`, run when anomalib's CLI module is imported, makes
+  ``seed_everything`` (config or ``--seed_everything``) take effect for this package's models: anomalib 2.7's CLI
+  declares it ("run seed_everything with this value before classes instantiation") but never calls it; stock
+  models keep anomalib's behaviour;
 - :func:`enable_mixed_benchmark_results`, run when anomalib's benchmark job module is imported, lets
   ``anomalib benchmark`` tabulate jobs whose result keys differ (any grid over models with different
   ``init_args`` or metrics), which stock anomalib loses with a ``KeyError`` before writing the CSV.
@@ -72,6 +76,35 @@ def enable_case_insensitive_model_names() -> None:
     resolve_class_path_by_name._isstad_case_insensitive = True  # type: ignore[attr-defined]
     _typehints.resolve_class_path_by_name = resolve_class_path_by_name
     _from_config.resolve_class_path_by_name = resolve_class_path_by_name
+
+
+def enable_cli_seed_for_plugin_models() -> None:
+    """Apply the CLI's ``seed_everything`` before instantiation when the model is one of ours. Idempotent.
+
+    Targets anomalib 2.7's ``AnomalibCLI.before_instantiate_classes``. An int seeds Python, NumPy and torch (and
+    DataLoader workers); ``True`` (the CLI default) picks a random seed and logs it, as Lightning's own CLI
+    does; ``False`` leaves the generators alone. Our models' ``corruption_seed: null`` then follows the seed.
+    """
+    from anomalib.cli.cli import AnomalibCLI
+
+    original = AnomalibCLI.before_instantiate_classes
+    if getattr(original, "_isstad_seed", False):
+        return
+
+    def before_instantiate_classes(self: AnomalibCLI) -> None:
+        original(self)
+        config = self.config.get(str(self.config.get("subcommand")), self.config)
+        model = config.get("model") if hasattr(config, "get") else None
+        class_path = str(model.get("class_path", "") if hasattr(model, "get") else model or "")
+        seed = config.get("seed_everything", self.config.get("seed_everything"))
+        if not class_path.startswith(f"{__package__}.") or seed is False or seed is None:
+            return
+        from lightning.pytorch import seed_everything
+
+        seed_everything(None if seed is True else int(seed), workers=True)
+
+    before_instantiate_classes._isstad_seed = True  # type: ignore[attr-defined]
+    AnomalibCLI.before_instantiate_classes = before_instantiate_classes
 
 
 def enable_mixed_benchmark_results() -> None:

@@ -7,7 +7,8 @@ does nothing until one of the watched anomalib modules is imported:
 
 - ``anomalib``: adds a module ``__getattr__`` so ``import anomalib; anomalib.models`` works (lazily).
 - ``anomalib.models``: imports ``isstad_plugin`` so ``get_model("isstad")`` and ``--model Isstad`` work.
-- ``anomalib.cli.cli``: lets the CLI resolve model names case-insensitively (``--model isstad``).
+- ``anomalib.cli.cli``: lets the CLI resolve model names case-insensitively (``--model isstad``) and apply
+  ``seed_everything`` for this package's models.
 - ``anomalib.pipelines.benchmark.job``: lets ``anomalib benchmark`` tabulate models whose result keys differ.
 
 It imports nothing but the standard library's ``sys`` at start-up, so processes that never import
@@ -94,9 +95,10 @@ def _after_import(fullname: str, module) -> None:  # noqa: ANN001
         if "isstad_plugin" not in sys.modules:
             import isstad_plugin  # noqa: F401  (registers the models as AnomalibModule subclasses)
     elif fullname == "anomalib.cli.cli":
-        from isstad_plugin.registration import enable_case_insensitive_model_names
+        from isstad_plugin.registration import enable_case_insensitive_model_names, enable_cli_seed_for_plugin_models
 
         enable_case_insensitive_model_names()
+        enable_cli_seed_for_plugin_models()
     elif fullname == "anomalib.pipelines.benchmark.job":
         from isstad_plugin.registration import enable_mixed_benchmark_results
 

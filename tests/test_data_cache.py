@@ -35,6 +35,9 @@ def test_cached_items_equal_the_decoded_ones_and_batches_keep_their_shape(tile_r
     batch = next(iter(loader))
     assert batch.image.shape == (4, 3, 48, 48)
     assert cache_train_data(datamodule, budget_gb=1.0) == "training images already in memory (16 images)."
+    datamodule.train_data.augmentations = Resize((32, 32), antialias=True)  # what setup does for another model
+    assert "at 32x32" in cache_train_data(datamodule, budget_gb=1.0)
+    assert next(iter(datamodule.train_dataloader())).image.shape == (4, 3, 32, 32)
 
 
 def test_random_augmentations_or_a_small_budget_keep_decoding_every_epoch(tile_root: Path) -> None:
