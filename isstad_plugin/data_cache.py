@@ -87,22 +87,32 @@ def _cached_train_dataloader(self: Any) -> DataLoader:  # noqa: ANN401
     )
 
 
-def cache_train_data(datamodule: Any, budget_gb: float) -> str:  # noqa: ANN401
-    """Keep ``datamodule.train_data`` decoded in memory if it fits in ``budget_gb``; return what was done.
+def release_train_cache(datamodule: Any) -> None:  # noqa: ANN401
+    """Give ``datamodule`` its own training subset and train loader back (after a fit, or before a new cache)."""
+    dataset = getattr(datamodule, "train_data", None)
+    if isinstance(dataset, InMemoryDataset):
+        # anomalib's datamodule.setup may have set a model's resize on the wrapper since: pass it on.
+        if "augmentations" in vars(dataset):
+            dataset.dataset.augmentations = vars(dataset)["augmentations"]
+        datamodule.train_data = dataset.dataset
+    vars(datamodule).pop("train_dataloader", None)
 
-    Idempotent: a second call (e.g. a second ``fit``) finds the cache and keeps it, unless the subset's resize
-    changed since (a model of another size): then it decodes again.
+
+def cache_train_data(datamodule: Any, budget_gb: float) -> str:  # noqa: ANN401
+    """Keep ``datamodule.train_data`` decoded in memory for this fit if it fits in ``budget_gb``; say what was done.
+
+    The cache lives for one fit (``release_train_cache`` undoes it at its end): the datamodule object is left as
+    anomalib made it, for other models, pickling and copies. A datamodule with its own ``train_dataloader`` (a
+    sampler, ``drop_last``...) is left alone.
     """
+    from anomalib.data import AnomalibDataModule
+
+    release_train_cache(datamodule)
     dataset = getattr(datamodule, "train_data", None)
     if dataset is None or budget_gb <= 0:
         return "training images decoded every epoch (train_cache_gb=0)."
-    if isinstance(dataset, InMemoryDataset):
-        # anomalib's datamodule.setup sets the (next) model's resize on the subset: here, on the wrapper.
-        wanted = vars(dataset).get("augmentations", dataset.dataset.augmentations)
-        if repr(wanted) == repr(dataset.dataset.augmentations):
-            return f"training images already in memory ({len(dataset)} images)."
-        dataset.dataset.augmentations = wanted  # another model size: decode again at that size
-        dataset = datamodule.train_data = dataset.dataset
+    if type(datamodule).train_dataloader is not AnomalibDataModule.train_dataloader:
+        return f"training images decoded every epoch: {type(datamodule).__name__} has its own train_dataloader."
     random = [type(t).__name__ for t in _leaves(getattr(dataset, "augmentations", None)) if not isinstance(t, Resize)]
     if random:
         return f"training images decoded every epoch: train augmentations {random} are random, a cache would freeze them."

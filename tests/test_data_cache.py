@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import pickle
 from pathlib import Path
 
 import torch
 from anomalib.data import MVTecAD
 from torchvision.transforms.v2 import Compose, RandomHorizontalFlip, Resize
 
-from isstad_plugin.data_cache import InMemoryDataset, cache_train_data
+from isstad_plugin.data_cache import InMemoryDataset, cache_train_data, release_train_cache
 
 
 def prepared(root: Path, **kwargs) -> MVTecAD:
@@ -34,10 +35,14 @@ def test_cached_items_equal_the_decoded_ones_and_batches_keep_their_shape(tile_r
     assert loader.num_workers == 0
     batch = next(iter(loader))
     assert batch.image.shape == (4, 3, 48, 48)
-    assert cache_train_data(datamodule, budget_gb=1.0) == "training images already in memory (16 images)."
-    datamodule.train_data.augmentations = Resize((32, 32), antialias=True)  # what setup does for another model
+    # another model size next fit: anomalib's setup sets its resize on the subset; the cache is made again
+    datamodule.train_data.augmentations = Resize((32, 32), antialias=True)
     assert "at 32x32" in cache_train_data(datamodule, budget_gb=1.0)
     assert next(iter(datamodule.train_dataloader())).image.shape == (4, 3, 32, 32)
+    release_train_cache(datamodule)  # after the fit: the datamodule as anomalib made it
+    assert datamodule.train_data is original and "train_dataloader" not in vars(datamodule)
+    assert datamodule.train_dataloader().num_workers == datamodule.num_workers
+    pickle.dumps(datamodule)
 
 
 def test_random_augmentations_or_a_small_budget_keep_decoding_every_epoch(tile_root: Path) -> None:
@@ -47,4 +52,18 @@ def test_random_augmentations_or_a_small_budget_keep_decoding_every_epoch(tile_r
     datamodule = prepared(tile_root)
     assert "more than train_cache_gb=1e-06" in cache_train_data(datamodule, budget_gb=1e-6)
     assert cache_train_data(datamodule, budget_gb=0) == "training images decoded every epoch (train_cache_gb=0)."
+    assert not isinstance(datamodule.train_data, InMemoryDataset)
+
+
+class OwnLoader(MVTecAD):
+    """A datamodule with its own train loader (e.g. a sampler): the cache must leave it alone."""
+
+    def train_dataloader(self):  # noqa: ANN201
+        return super().train_dataloader()
+
+
+def test_a_datamodule_with_its_own_train_loader_is_left_alone(tile_root: Path) -> None:
+    datamodule = OwnLoader(root=tile_root, category="magnetic_tile", train_batch_size=4, num_workers=0)
+    datamodule.setup("fit")
+    assert "has its own train_dataloader" in cache_train_data(datamodule, budget_gb=1.0)
     assert not isinstance(datamodule.train_data, InMemoryDataset)

@@ -101,6 +101,10 @@ def test_openvino_inferencer_predicts_files_and_writes_overlays(exported: dict, 
 def test_predict_precision_is_explicit(exported: dict, tmp_path: Path) -> None:
     """bf16 is an option, never the silent default: it runs everywhere (OpenVINO falls back to f32 on CPUs
     without BF16 units) and stays within 2 % of the score range of torch; an unknown precision is refused."""
+    from isstad_plugin.deploy import ExportedModel
+
+    default = ExportedModel(exported["ir"])  # isstad-predict's default
+    assert str(default.inferencer.model.get_property("INFERENCE_PRECISION_HINT")) in {"f32", "<Type: 'float32'>"}
     rows = predict_paths(exported["ir"], exported["files"][:4], tmp_path / "bf16", precision="bf16")
     expected = exported["reference"]["pred_score"][:4]
     np.testing.assert_allclose([row["pred_score"] for row in rows], expected, atol=0.02 * np.abs(expected).max())

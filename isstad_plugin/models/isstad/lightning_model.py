@@ -27,12 +27,13 @@ from anomalib.pre_processing import PreProcessor
 from anomalib.visualization import Visualizer
 from kornia.augmentation import RandomHorizontalFlip, RandomResizedCrop
 from lightning.pytorch import Callback
+from lightning.pytorch.plugins.precision import MixedPrecision
 from lightning.pytorch.utilities.types import STEP_OUTPUT
 from timm.optim import param_groups_weight_decay
 from torch import nn
 from torchvision.transforms.v2 import Compose, Normalize, Resize
 
-from isstad_plugin.data_cache import cache_train_data
+from isstad_plugin.data_cache import cache_train_data, release_train_cache
 from isstad_plugin.data_checks import check_dataset
 from isstad_plugin.models.evaluation import image_and_pixel_evaluator
 
@@ -100,8 +101,9 @@ class Isstad(AnomalibModule):
             mean/std: MAE release, timm MAE, the authors' stage 1) or ``symmetric`` (mean = std = 0.5, i.e.
             [-1, 1]: the authors' stage-2 ``net_ad.pth``).
         val_every_n_epochs: Validation (thresholds, metrics) every this many stage-2 epochs; 0: only after the
-            last epoch. Never in stage 1. Ignored when the trainer sets ``check_val_every_n_epoch`` or
-            ``val_check_interval`` (the user's cadence wins).
+            last epoch. Never in stage 1. Not applied (Lightning validates every epoch, as configured) when the
+            trainer has another ``check_val_every_n_epoch``/``val_check_interval``, a ``max_steps``/``max_time``
+            budget, or an ``EarlyStopping``/monitored checkpoint callback.
         checkpoint_every_n_epochs: Besides the end of each stage, rewrite ``model.ckpt`` every this many epochs
             (0: stage ends only). Applies to anomalib's default checkpoint; a user's ``ModelCheckpoint`` is kept.
         train_cache_gb: Decode and resize the training images once and keep them in memory when they fit in this
@@ -237,12 +239,17 @@ class Isstad(AnomalibModule):
         Engine's every-epoch default (a user's own checkpoint callback is kept); checks the data first."""
         self._check_datamodule()
         callbacks = [*super().configure_callbacks(), TwoStageSchedule()]
-        default = StageCheckpoint.replaces(self.trainer.callbacks) if self._trainer is not None else None
+        default = StageCheckpoint.replaces(self.trainer) if self._trainer is not None else None
         if default is not None:  # Lightning replaces the trainer's checkpoint callback by this one
             callbacks.append(StageCheckpoint(default.dirpath, self.hparams.checkpoint_every_n_epochs))
         return callbacks
 
     # ------------------------------------------------------------------ weights
+    def teardown(self, stage: str) -> None:
+        """Give the datamodule its own training subset and loader back after a fit."""
+        if stage == "fit" and self._trainer is not None and self.trainer.datamodule is not None:
+            release_train_cache(self.trainer.datamodule)
+
     def setup(self, stage: str) -> None:
         """For fit: check the training files and cache them (see :mod:`isstad_plugin.data_cache`). Load
         ``weights`` into the network once, when the first fit/validate/test/predict starts.
@@ -351,7 +358,7 @@ class Isstad(AnomalibModule):
             steps_per_epoch = self._steps_per_epoch()
             lr = hp.stage1_base_lr * self._effective_batch_size() / 256
             groups = param_groups_weight_decay(self.model, hp.stage1_weight_decay)
-            optimizer = adamw(groups, self.device, lr=lr, betas=tuple(hp.stage1_betas))
+            optimizer = adamw(groups, self.device, self._fused_allowed(), lr=lr, betas=tuple(hp.stage1_betas))
             warmup = self.stage_plan.stage1_warmup_epochs * steps_per_epoch
             total = self.stage_plan.stage1_epochs * steps_per_epoch
             scheduler = torch.optim.lr_scheduler.LambdaLR(
@@ -360,13 +367,18 @@ class Isstad(AnomalibModule):
             )
             return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
         groups = param_groups_weight_decay(self.model, hp.stage2_weight_decay)  # frozen encoder is skipped
-        optimizer = adamw(groups, self.device, lr=hp.stage2_lr, betas=tuple(hp.stage2_betas))
+        optimizer = adamw(groups, self.device, self._fused_allowed(), lr=hp.stage2_lr, betas=tuple(hp.stage2_betas))
         scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(
             optimizer,
             T_max=self.stage_plan.stage2_cosine_epochs,
             eta_min=hp.stage2_min_lr,
         )
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "epoch"}}
+
+    def _fused_allowed(self) -> bool:
+        """Lightning refuses gradient clipping with a fused optimiser under mixed precision (its AMP scaler)."""
+        trainer = self.trainer
+        return not (isinstance(trainer.precision_plugin, MixedPrecision) and trainer.gradient_clip_val)
 
     def _steps_per_epoch(self) -> int:
         trainer = self.trainer

@@ -32,13 +32,19 @@ def gaussian_window(sigma: float, dtype: torch.dtype, device: torch.device) -> t
 
 def ssim(preds: torch.Tensor, target: torch.Tensor, data_range: float = 1.0, sigma: float = 1.5) -> torch.Tensor:
     """Mean SSIM of ``[B, C, H, W]`` images: torchmetrics' ``structural_similarity_index_measure`` (Gaussian
-    window, sigma 1.5, reflect padding, mean over the full image), to the last bit.
+    window, sigma 1.5, reflect padding, mean over the full image), equal within float32 rounding; always
+    computed in float32, also under autocast (where torchmetrics would mix precisions).
 
     Same arithmetic, other layout: the 5 local-statistics maps of every image and channel are the channels of
     one image, filtered by one depthwise convolution. oneDNN runs that about 4x faster on a CPU than torchmetrics'
     ``[5 B, C, H, W]`` batch with 3 channels, where SSIM took half of a 224 px stage-2 step
     (``docs/benchmarks/stage2-profile.md``).
     """
+    with torch.autocast(preds.device.type, enabled=False):
+        return _ssim_fp32(preds.float(), target.float(), data_range, sigma)
+
+
+def _ssim_fp32(preds: torch.Tensor, target: torch.Tensor, data_range: float, sigma: float) -> torch.Tensor:
     batch, channels, height, width = preds.shape
     window = gaussian_window(sigma, preds.dtype, preds.device)
     pad = (window.shape[-1] - 1) // 2

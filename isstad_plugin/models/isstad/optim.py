@@ -15,7 +15,10 @@ import torch
 FUSED_DEVICES = {"cpu", "cuda"}
 
 
-def adamw(groups: Iterable[dict[str, Any]], device: torch.device, **kwargs: Any) -> torch.optim.AdamW:  # noqa: ANN401
-    """``torch.optim.AdamW`` over ``groups``: fused where torch has the kernel for ``device``, else foreach."""
-    speed = {"fused": True} if device.type in FUSED_DEVICES else {"foreach": True}
+def adamw(
+    groups: Iterable[dict[str, Any]], device: torch.device, fused: bool = True, **kwargs: Any,  # noqa: ANN401
+) -> torch.optim.AdamW:
+    """``torch.optim.AdamW`` over ``groups``: fused where torch has the kernel for ``device`` (and ``fused``),
+    else foreach (the same update, one kernel per operation over all tensors)."""
+    speed = {"fused": True} if fused and device.type in FUSED_DEVICES else {"foreach": True}
     return torch.optim.AdamW(groups, **speed, **kwargs)

@@ -24,6 +24,7 @@ from typing import TYPE_CHECKING
 
 from anomalib.callbacks.checkpoint import ModelCheckpoint
 from lightning.pytorch import Callback, LightningModule, Trainer
+from lightning.pytorch.callbacks import EarlyStopping, Timer
 from lightning.pytorch.callbacks import ModelCheckpoint as LightningModelCheckpoint
 from lightning.pytorch.strategies import DDPStrategy
 
@@ -53,22 +54,26 @@ class StagePlan:
         """Stage (1 or 2) that trains during ``epoch`` (0-based)."""
         return 1 if epoch < self.stage1_epochs else 2
 
-    def validates_after(self, epoch: int, every_n_epochs: int) -> bool:
+    def validates_after(self, epoch: int, every_n_epochs: int, last_epoch: int | None = None) -> bool:
         """Whether validation (thresholds, metrics) runs after ``epoch`` (0-based).
 
         Never in stage 1 (the pixel-status heads are untrained then, so scores mean nothing); in stage 2 every
-        ``every_n_epochs`` epochs counted from the stage's start (0: none before the end); always after the last.
+        ``every_n_epochs`` epochs counted from the stage's start (0: none before the end); always after the last
+        epoch of the run (``last_epoch``, default the plan's last; a run resumed with a shorter budget ends sooner).
         """
-        if epoch + 1 >= self.total_epochs:
+        last = self.total_epochs - 1 if last_epoch is None else min(last_epoch, self.total_epochs - 1)
+        if epoch >= last:
             return True
         if self.stage_at(epoch) == 1 or every_n_epochs <= 0:
             return False
         return (epoch + 1 - self.stage1_epochs) % every_n_epochs == 0
 
-    def checkpoints_after(self, epoch: int, every_n_epochs: int) -> bool:
-        """Whether a checkpoint is written after ``epoch``: at the end of each stage and every ``every_n_epochs``."""
+    def checkpoints_after(self, epoch: int, every_n_epochs: int, last_epoch: int | None = None) -> bool:
+        """Whether a checkpoint is written after ``epoch``: at the end of stage 1, after the run's last epoch
+        (``last_epoch``, as in :meth:`validates_after`) and every ``every_n_epochs``."""
+        last = self.total_epochs - 1 if last_epoch is None else min(last_epoch, self.total_epochs - 1)
         done = epoch + 1
-        return done in {self.stage1_epochs, self.total_epochs} or (every_n_epochs > 0 and done % every_n_epochs == 0)
+        return done == self.stage1_epochs or epoch >= last or (every_n_epochs > 0 and done % every_n_epochs == 0)
 
     def to_dict(self) -> dict[str, float]:
         """Plain data for the checkpoint."""
@@ -144,8 +149,7 @@ class TwoStageSchedule(Callback):
         if trainer.max_epochs is None or trainer.max_epochs < 0 or trainer.max_epochs > plan.total_epochs:
             trainer.fit_loop.max_epochs = plan.total_epochs
         model.enter_stage(plan.stage_at(0))
-        # Lightning's defaults (every epoch, once per epoch) mean nobody chose a cadence: pace it ourselves.
-        if trainer.check_val_every_n_epoch == 1 and trainer.val_check_interval == 1.0:
+        if paces_validation(trainer):
             self._user_val_limit = trainer.limit_val_batches
             every = model.hparams.get("val_every_n_epochs", 0)
             logger.info("ISSTAD validates in stage 2 only: %s (set trainer.check_val_every_n_epoch to choose).",
@@ -157,7 +161,8 @@ class TwoStageSchedule(Callback):
         model: Isstad = pl_module  # type: ignore[assignment]
         epoch = trainer.current_epoch
         if self._user_val_limit is not None:
-            validate = model.stage_plan.validates_after(epoch, model.hparams.get("val_every_n_epochs", 0))
+            every = model.hparams.get("val_every_n_epochs", 0)
+            validate = model.stage_plan.validates_after(epoch, every, last_epoch(trainer))
             trainer.limit_val_batches = self._user_val_limit if validate else 0
         wanted = model.stage_plan.stage_at(epoch)
         if wanted == model.stage:
@@ -169,9 +174,36 @@ class TwoStageSchedule(Callback):
     def teardown(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
         """Give the trainer its validation limit back (a later ``validate``/``test`` call sees the user's)."""
         del pl_module, stage
+        self._restore(trainer)
+
+    def on_exception(self, trainer: Trainer, pl_module: LightningModule, exception: BaseException) -> None:
+        """The same after a failed fit (Lightning runs no callback ``teardown`` then)."""
+        del pl_module, exception
+        self._restore(trainer)
+
+    def _restore(self, trainer: Trainer) -> None:
         if self._user_val_limit is not None:
             trainer.limit_val_batches = self._user_val_limit
             self._user_val_limit = None
+
+
+def paces_validation(trainer: Trainer) -> bool:
+    """Whether ISSTAD may pace validation: nobody else chose when it runs or what it is for.
+
+    Lightning's defaults (every epoch, once per epoch) cannot be told from an explicit 1; any other cadence, a
+    step or time budget (the run may end before the plan), or a callback that reads validation metrics
+    (EarlyStopping, a monitored checkpoint) leave validation to Lightning, every epoch as configured.
+    """
+    readers = [c for c in trainer.callbacks
+               if isinstance(c, (EarlyStopping, Timer)) or (isinstance(c, LightningModelCheckpoint) and c.monitor)]
+    return (trainer.check_val_every_n_epoch == 1 and trainer.val_check_interval == 1.0 and trainer.max_steps == -1
+            and not readers)
+
+
+def last_epoch(trainer: Trainer) -> int | None:
+    """The run's last epoch (0-based) under the trainer's epoch budget, or None without one."""
+    max_epochs = trainer.fit_loop.max_epochs
+    return None if max_epochs is None or max_epochs < 0 else max_epochs - 1
 
 
 def plan_for_trainer(trainer: Trainer, hparams: dict) -> tuple[StagePlan, str | None]:
@@ -204,20 +236,23 @@ class StageCheckpoint(ModelCheckpoint):
         """Save only when the plan says so (see :meth:`StagePlan.checkpoints_after`)."""
         plan: StagePlan = pl_module.stage_plan  # type: ignore[assignment]
         epoch = trainer.current_epoch
-        if not plan.checkpoints_after(epoch, self.stage_every_n_epochs):
+        if not plan.checkpoints_after(epoch, self.stage_every_n_epochs, last_epoch(trainer)):
             return
         if epoch + 1 == plan.stage1_epochs and self.dirpath and not self._should_skip_saving_checkpoint(trainer):
             trainer.save_checkpoint(Path(self.dirpath) / "stage1.ckpt")  # before model.ckpt marks this step saved
         super().on_train_epoch_end(trainer, pl_module)
 
     @staticmethod
-    def replaces(callbacks: list[Callback]) -> ModelCheckpoint | None:
-        """anomalib Engine's own default checkpoint among ``callbacks`` (the only one), else None.
+    def replaces(trainer: Trainer) -> ModelCheckpoint | None:
+        """anomalib Engine's own default checkpoint among the trainer's callbacks (the only one), else None.
 
         The Engine adds ``ModelCheckpoint(dirpath=<root>/weights/lightning, filename="model")`` when the user
-        gave none; that one (and only that one) is ours to replace.
+        gave no anomalib ``ModelCheckpoint``; that one (and only that one) is ours to replace, and only while ISSTAD
+        paces validation (:func:`paces_validation`): with another cadence anomalib's saves after each validation.
         """
-        checkpoints = [c for c in callbacks if isinstance(c, LightningModelCheckpoint)]
+        if not paces_validation(trainer):
+            return None
+        checkpoints = [c for c in trainer.callbacks if isinstance(c, LightningModelCheckpoint)]
         if len(checkpoints) != 1:
             return None
         (checkpoint,) = checkpoints

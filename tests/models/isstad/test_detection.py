@@ -1,8 +1,8 @@
 """ISSTAD must detect: a short seeded training on the generated demo set scores well above chance.
 
 This pins accuracy, not speed: a change that breaks the method (corruption, losses, scoring, stage switch) while
-every shape and contract test still passes fails here. The thresholds sit below the lowest value measured over
-seeds 0-4 on two machines (see DETECTION_FLOORS) with room for CPU rounding differences.
+every shape and contract test still passes fails here. The floors sit well below the lowest values measured over
+seeds 0-4 (see DETECTION_FLOORS), so CPU rounding differences cannot cross them.
 """
 
 from __future__ import annotations
@@ -18,12 +18,13 @@ from isstad_plugin import Isstad
 from isstad_plugin.demo.dataset import DEMO_CATEGORY, make_demo_dataset
 from isstad_plugin.demo.main import tiny_model_arguments
 
-# configs/isstad_tiny.yaml (ViT-tiny, 128 px, 4 + 6 epochs) on the demo set; measured over seeds 0-4: see the
-# closing note of the change that added this test. Chance is 0.5.
-DETECTION_FLOORS = {"image_AUROC": 0.85, "pixel_AUROC": 0.90}
+# configs/isstad_tiny.yaml (ViT-tiny, 128 px, 4 + 6 epochs) on the demo set, measured over seeds 0-4 on an AMD EPYC
+# (AVX-512, 2 cores; ~11 s a seed): image AUROC 0.942-0.972, pixel AUROC 0.992-0.994, AUPRO 0.973-0.980.
+# Chance is 0.5 for both AUROCs.
+DETECTION_FLOORS = {"image_AUROC": 0.85, "pixel_AUROC": 0.90, "pixel_AUPRO": 0.85}
 
 
-@pytest.mark.parametrize("seed", [0])
+@pytest.mark.parametrize("seed", [0, 3])
 def test_tiny_isstad_detects_demo_defects(tmp_path: Path, seed: int) -> None:
     root = tmp_path / "data"
     make_demo_dataset(root)

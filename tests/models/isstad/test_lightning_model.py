@@ -240,3 +240,28 @@ def test_fit_trains_on_images_decoded_once(tile_root: Path, tiny_model_args: dic
         model=Isstad(**tiny_model_args, stage1_epochs=1, stage2_epochs=1, train_cache_gb=0),
         datamodule=datamodule(tile_root))
     assert watch.seen == [("MVTecADDataset", 0), ("MVTecADDataset", 0)]
+
+
+def test_early_stopping_keeps_lightnings_cadence(tile_root: Path, tiny_model_args: dict, tmp_path: Path) -> None:
+    """A callback that reads metrics every epoch (EarlyStopping, monitored checkpoints) gets them every epoch."""
+    from lightning.pytorch.callbacks import EarlyStopping
+
+    cadence = Cadence()
+    model = Isstad(**tiny_model_args, stage1_epochs=1, stage2_epochs=2)
+    eng = engine(tmp_path, callbacks=[cadence, EarlyStopping(monitor="train_loss", patience=100)])
+    eng.fit(model=model, datamodule=datamodule(tile_root))
+    assert cadence.validated == [0, 1, 2]
+
+
+class FailAt(Callback):
+    def on_train_epoch_end(self, trainer, pl_module) -> None:  # noqa: ANN001
+        if trainer.current_epoch == 1:
+            raise RuntimeError("stop here")
+
+
+def test_a_failed_fit_gives_the_validation_limit_back(tile_root: Path, tiny_model_args: dict, tmp_path: Path) -> None:
+    model = Isstad(**tiny_model_args, stage1_epochs=2, stage2_epochs=2)
+    eng = engine(tmp_path, callbacks=[FailAt()])
+    with pytest.raises(RuntimeError, match="stop here"):
+        eng.fit(model=model, datamodule=datamodule(tile_root))
+    assert eng.trainer.limit_val_batches == 1.0  # a later validate/test on this trainer is not silently skipped

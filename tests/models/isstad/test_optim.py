@@ -10,39 +10,41 @@ from isstad_plugin.models.isstad.torch_model import IsstadModel
 
 
 def test_fused_adamw_matches_the_single_tensor_loop() -> None:
+    """Both optimisers get the same gradients at every step (computed once, on the reference weights), so any
+    difference is the update arithmetic itself."""
     torch.manual_seed(0)
-    reference = IsstadModel(backbone="vit_tiny", image_size=(32, 32), decoder_embed_dim=32, decoder_depth=2,
-                            decoder_num_heads=4)
-    fast = IsstadModel(backbone="vit_tiny", image_size=(32, 32), decoder_embed_dim=32, decoder_depth=2,
-                       decoder_num_heads=4)
-    fast.load_state_dict(reference.state_dict())
-    initial = {name: value.detach().clone() for name, value in reference.named_parameters()}
+    model = IsstadModel(backbone="vit_tiny", image_size=(32, 32), decoder_embed_dim=32, decoder_depth=2,
+                        decoder_num_heads=4)
+    reference = {name: p.detach().clone().requires_grad_(True) for name, p in model.named_parameters()}
+    fast = {name: p.detach().clone().requires_grad_(True) for name, p in model.named_parameters()}
+    initial = {name: p.detach().clone() for name, p in model.named_parameters()}
+
+    def groups(params: dict[str, torch.Tensor]) -> list[dict]:  # ISSTAD's groups, on these tensors
+        by_id = {id(p): name for name, p in model.named_parameters()}
+        return [{**g, "params": [params[by_id[id(p)]] for p in g["params"]]}
+                for g in param_groups_weight_decay(model, 0.05)]
+
     options = {"lr": 1e-3, "betas": (0.9, 0.95)}
-    slow_opt = torch.optim.AdamW(param_groups_weight_decay(reference, 0.05), foreach=False, fused=False, **options)
-    fast_opt = adamw(param_groups_weight_decay(fast, 0.05), torch.device("cpu"), **options)
+    slow_opt = torch.optim.AdamW(groups(reference), foreach=False, fused=False, **options)
+    fast_opt = adamw(groups(fast), torch.device("cpu"), **options)
     assert fast_opt.defaults["fused"] is True
+    assert adamw(groups(fast), torch.device("cpu"), fused=False, **options).defaults["foreach"] is True
     images = torch.rand(4, 3, 32, 32, generator=torch.Generator().manual_seed(1))
-    steps = 5
-    for _ in range(steps):
-        for model, optimizer in ((reference, slow_opt), (fast, fast_opt)):
-            optimizer.zero_grad()
-            output = model(images, mask_ratio=0.0)
-            (output.reconstruction.square().mean() + output.block_logits.square().mean()).backward()
-            optimizer.step()
+    for _ in range(5):
+        with torch.no_grad():
+            for name, p in model.named_parameters():
+                p.copy_(reference[name])
+        model.zero_grad()
+        output = model(images, mask_ratio=0.0)
+        (output.reconstruction.square().mean() + output.block_logits.square().mean()).backward()
+        for name, p in model.named_parameters():  # no gradient (the unused mask token): skipped by both
+            reference[name].grad = None if p.grad is None else p.grad.clone()
+            fast[name].grad = None if p.grad is None else p.grad.clone()
+        slow_opt.step()
+        fast_opt.step()
     unmoved = set()
-    for (name, expected), actual in zip(reference.named_parameters(), fast.parameters(), strict=True):
-        expected, actual, start = expected.detach(), actual.detach(), initial[name]
-        if name.endswith("attn.qkv.bias"):
-            # The key bias gets a zero gradient up to rounding (softmax ignores it); Adam turns that noise into
-            # full-size steps that two implementations round differently. Compare its thirds separately.
-            width = len(expected) // 3
-            key = slice(width, 2 * width)
-            bound = options["lr"] * steps  # Adam moves a parameter by at most ~lr per step
-            assert (actual[key] - expected[key]).abs().max() <= 0.1 * bound, name
-            keep = torch.ones_like(expected, dtype=torch.bool)
-            keep[key] = False
-            expected, actual, start = expected[keep], actual[keep], start[keep]
-        torch.testing.assert_close(actual, expected, rtol=1e-5, atol=1e-6, msg=name)
-        if torch.equal(expected, start):
+    for name, expected in reference.items():
+        torch.testing.assert_close(fast[name], expected, rtol=1e-5, atol=1e-7, msg=name)
+        if torch.equal(expected, initial[name]):
             unmoved.add(name)
     assert unmoved == {"mask_token"}  # only the unused mask token stood still: the weights did train
