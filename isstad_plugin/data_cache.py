@@ -113,9 +113,10 @@ def cache_train_data(datamodule: Any, budget_gb: float) -> str:  # noqa: ANN401
         return "training images decoded every epoch (train_cache_gb=0)."
     if type(datamodule).train_dataloader is not AnomalibDataModule.train_dataloader:
         return f"training images decoded every epoch: {type(datamodule).__name__} has its own train_dataloader."
-    random = [type(t).__name__ for t in _leaves(getattr(dataset, "augmentations", None)) if not isinstance(t, Resize)]
-    if random:
-        return f"training images decoded every epoch: train augmentations {random} are random, a cache would freeze them."
+    others = [type(t).__name__ for t in _leaves(getattr(dataset, "augmentations", None)) if not isinstance(t, Resize)]
+    if others:  # only a plain resize is known to be deterministic: a cache could freeze random augmentations
+        return (f"training images decoded every epoch: train augmentations {others} are more than a resize "
+                "(a cache would freeze random ones).")
     if len(dataset) == 0:
         return "training images: none to cache."
     estimate = _item_bytes(dataset[0]) * len(dataset)
