@@ -16,7 +16,7 @@ import torch
 from timm.optim import param_groups_weight_decay
 from torch.profiler import ProfilerActivity, profile, record_function
 
-from benchmarks.common import DOCS, machine, markdown_table
+from benchmarks.common import DOCS, machine, markdown_table, write_page
 from isstad_plugin import Isstad
 from isstad_plugin.models.isstad.loss import ssim
 from isstad_plugin.models.isstad.optim import adamw
@@ -112,8 +112,7 @@ def main(argv: list[str] | None = None) -> int:
         lines += [f"## {size} px: {seconds * 1e3:.0f} ms per step (unprofiled)", "",
                   markdown_table(["part", "ms", "share"], parts), "",
                   markdown_table(["operator (self time)", "ms", "calls per step"], operators), ""]
-    args.output.write_text("\n".join(lines))
-    print(f"wrote {args.output}")
+    write_page(args.output, lines)
     return 0
 
 

@@ -30,6 +30,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from itertools import pairwise
 from pathlib import Path
 from statistics import median
 
@@ -39,7 +40,7 @@ from torchvision.io import ImageReadMode, decode_image
 from torchvision.transforms.v2.functional import resize
 from tqdm import tqdm
 
-from benchmarks.common import DOCS, REPO, machine, markdown_table
+from benchmarks.common import DOCS, REPO, machine, markdown_table, write_page
 
 DATA = REPO.parent / "shared" / "data"
 TINY_CONFIG = REPO / "configs" / "isstad_tiny.yaml"
@@ -74,7 +75,7 @@ def config_for(root: Path, category: str, size: int, epochs: tuple[int, int], ti
 def per_stage_seconds(rows: list[dict], stage1_epochs: int) -> dict[int, list[float]]:
     """Epoch durations grouped by stage (from the epoch index: the timer may run before the stage switch)."""
     durations: dict[int, list[float]] = {1: [], 2: []}
-    for row, following in zip(rows, rows[1:], strict=False):
+    for row, following in pairwise(rows):
         if row["event"] == "epoch_start":
             durations[1 if row["epoch"] < stage1_epochs else 2].append(following["time"] - row["time"])
     return durations
@@ -248,8 +249,7 @@ def main(argv: list[str] | None = None) -> int:
         table(ratios(rows)),
         "",
     ]
-    args.output.write_text("\n".join(page))
-    print(f"wrote {args.output}")
+    write_page(args.output, page)
     return 0
 
 
