@@ -107,7 +107,7 @@ def main(argv: list[str] | None = None) -> int:
                 writer.writerows(rows)
             print(f"done {variant} seed {seed}: {row}", flush=True)
     header = ["variant", "seeds", *[f"val {m}" for m in METRICS], *[f"test {m}" for m in METRICS], "train min"]
-    described = [[name, f"`{yaml.safe_dump(overrides or {}, default_flow_style=True).strip()}`"]
+    described = [[name, f"`{yaml.safe_dump(overrides or {}, default_flow_style=True, width=10_000).strip()}`"]
                  for name, overrides in config["variants"].items()]
     write_page(args.output, [
         "# ISSTAD recipe search on magnetic_tile (CPU budget, from scratch)",
@@ -117,7 +117,7 @@ def main(argv: list[str] | None = None) -> int:
         "",
         f"Machine: {machine()}.",
         "",
-        f"Base model: `{yaml.safe_dump(config['base'], default_flow_style=True).strip()}`; data: "
+        f"Base model: `{yaml.safe_dump(config['base'], default_flow_style=True, width=10_000).strip()}`; data: "
         f"`{config['data']['category']}`, validation = half of the test folder (`val_split_mode: from_test`), chosen "
         "on it only; the test half is scored only for the chosen recipe. Mean ± std over seeds.",
         "",
