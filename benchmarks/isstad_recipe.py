@@ -11,7 +11,8 @@ The config (``configs/benchmark/isstad_recipe.yaml``) names a base model (``init
 category's ``train/good``, with anomalib's ``val_split_mode: from_test`` (``val_split_ratio: 0.5``): thresholds and
 every choice come from the validation half; the image AUROC, pixel AUROC and AUPRO of the validation half are
 always recorded, those of the test half only with ``--test``. Finished rows are kept in ``<output_dir>/rows.csv``
-(a re-run skips them); ``docs/benchmarks/isstad-recipe.md`` is written from all rows, means +- std over seeds.
+(a re-run skips them); ``docs/benchmarks/isstad-recipe.md`` is written from the rows of the config's ``split_seed``
+(one validation/test split for every variant and seed), means +- std over training seeds.
 """
 
 from __future__ import annotations
@@ -28,7 +29,7 @@ from benchmarks.common import DOCS, REPO, machine, markdown_table, write_page
 
 CONFIG = REPO / "configs" / "benchmark" / "isstad_recipe.yaml"
 METRICS = ("image_AUROC", "pixel_AUROC", "pixel_AUPRO")
-COLUMNS = ["variant", "seed", *[f"val_{m}" for m in METRICS], *[f"test_{m}" for m in METRICS], "train_min"]
+COLUMNS = ["variant", "seed", "split_seed", *[f"val_{m}" for m in METRICS], *[f"test_{m}" for m in METRICS], "train_min"]
 
 
 def run_row(config: dict, variant: str, seed: int, with_test: bool, work: Path) -> dict:
@@ -41,13 +42,14 @@ def run_row(config: dict, variant: str, seed: int, with_test: bool, work: Path) 
 
     seed_everything(seed, workers=True)
     model = Isstad(**{**config["base"], **(config["variants"][variant] or {})})
-    datamodule = MVTecAD(**config["data"], val_split_mode="from_test", val_split_ratio=0.5, seed=seed)
+    # the split is the config's, the same for every variant and seed; the seed varies only the training
+    datamodule = MVTecAD(**config["data"], val_split_mode="from_test", val_split_ratio=0.5, seed=config["split_seed"])
     engine = Engine(default_root_dir=work / f"{variant}-{seed}", accelerator="cpu", devices=1, logger=False,
                     enable_progress_bar=False)
     start = time.time()
     engine.fit(model=model, datamodule=datamodule)
     minutes = (time.time() - start) / 60
-    row = {"variant": variant, "seed": seed, "train_min": f"{minutes:.1f}"}
+    row = {"variant": variant, "seed": seed, "split_seed": config["split_seed"], "train_min": f"{minutes:.1f}"}
     val = engine.test(model=model, dataloaders=datamodule.val_dataloader(), verbose=False)[0]
     row.update({f"val_{m}": f"{val[m]:.4f}" for m in METRICS})
     if with_test:
@@ -60,7 +62,7 @@ def summary(rows: list[dict], variants: list[str]) -> list[list[str]]:
     """Per variant: mean +- std over its seeds of every recorded metric."""
     table = []
     for variant in variants:
-        mine = [r for r in rows if r["variant"] == variant]
+        mine = [r for r in rows if r["variant"] == variant]  # rows of one split (see main)
         if not mine:
             continue
         cells = [variant, str(len(mine))]
@@ -89,7 +91,10 @@ def main(argv: list[str] | None = None) -> int:
     output_dir.mkdir(parents=True, exist_ok=True)
     rows_path = output_dir / "rows.csv"
     rows = list(csv.DictReader(rows_path.open())) if rows_path.is_file() else []
-    done = {(r["variant"], int(r["seed"])) for r in rows if not args.test or r.get("test_image_AUROC")}
+    split = str(config["split_seed"])
+    # rows of another split (older runs drew a split per seed) are kept in the file but never reused or mixed in
+    current = [r for r in rows if r.get("split_seed") == split]
+    done = {(r["variant"], int(r["seed"])) for r in current if not args.test or r.get("test_image_AUROC")}
     variants = list(config["variants"])
     unknown = sorted(set(args.only or []) - set(variants))
     if unknown:
@@ -100,7 +105,9 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"kept {variant} seed {seed}")
                 continue
             row = run_row(config, variant, seed, args.test, output_dir / "runs")
-            rows = [r for r in rows if (r["variant"], int(r["seed"])) != (variant, seed)] + [row]
+            rows = [r for r in rows if (r["variant"], int(r["seed"]), r.get("split_seed")) != (variant, seed, split)]
+            rows.append(row)
+            current = [r for r in rows if r.get("split_seed") == split]
             with rows_path.open("w", newline="") as handle:
                 writer = csv.DictWriter(handle, fieldnames=COLUMNS)
                 writer.writeheader()
@@ -118,10 +125,11 @@ def main(argv: list[str] | None = None) -> int:
         f"Machine: {machine()}.",
         "",
         f"Base model: `{yaml.safe_dump(config['base'], default_flow_style=True, width=10_000).strip()}`; data: "
-        f"`{config['data']['category']}`, validation = half of the test folder (`val_split_mode: from_test`), chosen "
-        "on it only; the test half is scored only for the chosen recipe. Mean ± std over seeds.",
+        f"`{config['data']['category']}`, validation = half of the test folder (`val_split_mode: from_test`, split "
+        f"seed {split}, the same for every variant and seed), chosen on it only; the test half is scored only for the "
+        "chosen recipe. Mean ± std over training seeds.",
         "",
-        markdown_table(header, summary(rows, variants)),
+        markdown_table(header, summary(current, variants)) if current else "No run with this split yet.",
         "",
         "## Variants",
         "",

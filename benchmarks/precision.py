@@ -42,7 +42,7 @@ def trained_ir(work: Path) -> Path:
     return Path(engine.export(model=model, export_type=ExportType.OPENVINO, export_root=work / "export"))
 
 
-def test_set() -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def magnetic_tile_test_images() -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Every magnetic_tile test image at the model size, its label and its mask."""
     import cv2
 
@@ -69,7 +69,7 @@ def main(argv: list[str] | None = None) -> int:
 
     work = Path(tempfile.mkdtemp(prefix="isstad-precision-"))
     ir = trained_ir(work)
-    images, labels, masks = test_set()
+    images, labels, masks = magnetic_tile_test_images()
     core = ov.Core()
     outputs, latency, executed = {}, {}, {}
     for precision in ("f32", "bf16"):

@@ -32,7 +32,6 @@ import tempfile
 import time
 from itertools import pairwise
 from pathlib import Path
-from statistics import median
 
 import torch
 import yaml
@@ -40,7 +39,7 @@ from torchvision.io import ImageReadMode, decode_image
 from torchvision.transforms.v2.functional import resize
 from tqdm import tqdm
 
-from benchmarks.common import DOCS, REPO, machine, markdown_table, write_page
+from benchmarks.common import DOCS, REPO, machine, markdown_table, median, write_page
 
 DATA = REPO.parent / "shared" / "data"
 TINY_CONFIG = REPO / "configs" / "isstad_tiny.yaml"

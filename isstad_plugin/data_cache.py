@@ -14,15 +14,15 @@ Stage 1's random crops and stage 2's corruption run on the batch, every step, on
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterator
 from types import MethodType
 from typing import Any
 
 import torch
-from torch import nn
 from torch.utils.data import DataLoader, Dataset
 from torchvision.transforms.v2 import Resize
 from tqdm import tqdm
+
+from isstad_plugin.transforms import transform_leaves
 
 logger = logging.getLogger(__name__)
 
@@ -44,17 +44,6 @@ class InMemoryDataset(Dataset):
         if name in {"dataset", "items"}:  # not set yet (unpickling): no recursion
             raise AttributeError(name)
         return getattr(self.dataset, name)
-
-
-def _leaves(transform: nn.Module | None) -> Iterator[nn.Module]:
-    if transform is None:
-        return
-    children = getattr(transform, "transforms", None)
-    if children:
-        for child in children:
-            yield from _leaves(child)
-    else:
-        yield transform
 
 
 def _tensor_fields(item: Any) -> dict[str, torch.Tensor]:  # noqa: ANN401
@@ -113,7 +102,8 @@ def cache_train_data(datamodule: Any, budget_gb: float) -> str:  # noqa: ANN401
         return "training images decoded every epoch (train_cache_gb=0)."
     if type(datamodule).train_dataloader is not AnomalibDataModule.train_dataloader:
         return f"training images decoded every epoch: {type(datamodule).__name__} has its own train_dataloader."
-    others = [type(t).__name__ for t in _leaves(getattr(dataset, "augmentations", None)) if not isinstance(t, Resize)]
+    leaves = transform_leaves(getattr(dataset, "augmentations", None))
+    others = [type(t).__name__ for t in leaves if not isinstance(t, Resize)]
     if others:  # only a plain resize is known to be deterministic: a cache could freeze random augmentations
         return (f"training images decoded every epoch: train augmentations {others} are more than a resize "
                 "(a cache would freeze random ones).")

@@ -23,8 +23,8 @@ IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp"}
 
 # OpenVINO's CPU plugin computes in BF16 by default on CPUs that have it (AVX-512 BF16, AMX) and in FP32
 # elsewhere, so the same model scores differently from one machine to the next unless the precision is named.
-# f32 (the default here) matches torch on every CPU; bf16 trades about 1e-3 of the score range for speed on
-# CPUs with BF16 instructions; f16 is for GPUs (docs/deployment.md has the measured differences).
+# f32 (the default here) matches torch on every CPU; bf16 is faster on CPUs with BF16 instructions at a cost
+# measured in docs/benchmarks/precision.md (python -m benchmarks.precision); f16 is for GPUs.
 PRECISIONS = ("f32", "bf16", "f16")
 
 

@@ -38,6 +38,7 @@ from torch.utils.data import DataLoader
 from torchvision.transforms.v2 import Compose, Normalize, Resize
 
 from isstad_plugin.models.evaluation import image_and_pixel_evaluator
+from isstad_plugin.transforms import transform_leaves
 
 from .augmentation import PAPER_SIZE, CutPaste, random_crops
 from .torch_model import PAPER_HEAD, CutpasteModel
@@ -161,7 +162,7 @@ class Cutpaste(AnomalibModule):
     def on_fit_start(self) -> None:
         """Load the backbone's starting weights (not when resuming), check the pre-processor, seed the generator."""
         transform = getattr(self.pre_processor, "transform", None)
-        if transform is not None and any(isinstance(t, Normalize) for t in _flatten(transform)):
+        if transform is not None and any(isinstance(t, Normalize) for t in transform_leaves(transform)):
             msg = ("Cutpaste normalises inside its torch model (CutPaste works on [0, 1] images); "
                    "remove Normalize from the pre_processor transform.")
             raise ValueError(msg)
@@ -316,11 +317,6 @@ class Cutpaste(AnomalibModule):
         return trainer.max_steps != -1 and trainer.global_step >= trainer.max_steps
 
 
-def _flatten(transform: nn.Module) -> list[nn.Module]:
-    children = getattr(transform, "transforms", None)
-    if not children:
-        return [transform]
-    return [leaf for child in children for leaf in _flatten(child)]
 
 
 __all__ = ["Cutpaste"]

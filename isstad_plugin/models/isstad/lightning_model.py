@@ -36,6 +36,7 @@ from torchvision.transforms.v2 import Compose, Normalize, Resize
 from isstad_plugin.data_cache import cache_train_data, release_train_cache
 from isstad_plugin.data_checks import check_dataset
 from isstad_plugin.models.evaluation import image_and_pixel_evaluator
+from isstad_plugin.transforms import transform_leaves
 
 from .corruption import MVTEC_AD_PRESETS, SyntheticCorruption, preset_for_category
 from .loss import Stage2Loss, masked_patch_mse
@@ -456,7 +457,7 @@ class Isstad(AnomalibModule):
     def on_train_start(self) -> None:
         """Corruption needs [0, 1] images: refuse a pre-processor that normalises."""
         transform = getattr(self.pre_processor, "transform", None)
-        if transform is not None and any(isinstance(t, Normalize) for t in _flatten(transform)):
+        if transform is not None and any(isinstance(t, Normalize) for t in transform_leaves(transform)):
             msg = (
                 "Isstad normalises inside its torch model (corruption works on [0, 1] images); "
                 "remove Normalize from the pre_processor transform."
@@ -500,11 +501,6 @@ def _check_is_isstad_checkpoint(checkpoint: dict[str, Any]) -> None:
     raise ValueError(msg)
 
 
-def _flatten(transform: nn.Module) -> list[nn.Module]:
-    children = getattr(transform, "transforms", None)
-    if not children:
-        return [transform]
-    return [leaf for child in children for leaf in _flatten(child)]
 
 
 def _check_arguments(

@@ -22,7 +22,11 @@ def masked_patch_mse(prediction: torch.Tensor, target: torch.Tensor, mask: torch
 
 
 def gaussian_window(sigma: float, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
-    """The normalised 2-D Gaussian SSIM window ``[k, k]``, ``k = 2 * int(3.5 * sigma + 0.5) + 1`` (11 for 1.5)."""
+    """torchmetrics' normalised 2-D Gaussian SSIM window ``[k, k]``, ``k = 2 * int(3.5 * sigma + 0.5) + 1``.
+
+    Computed as torchmetrics computes it: kornia's ``get_gaussian_kernel2d`` differs by ~2e-9, which moves SSIM
+    gradients off torchmetrics' beyond what tests/models/isstad/test_loss.py allows.
+    """
     size = int(3.5 * sigma + 0.5) * 2 + 1
     distance = torch.arange((1 - size) / 2, (1 + size) / 2, 1.0, dtype=dtype, device=device)
     gauss = torch.exp(-((distance / sigma) ** 2) / 2)

@@ -265,3 +265,14 @@ def test_a_failed_fit_gives_the_validation_limit_back(tile_root: Path, tiny_mode
     with pytest.raises(RuntimeError, match="stop here"):
         eng.fit(model=model, datamodule=datamodule(tile_root))
     assert eng.trainer.limit_val_batches == 1.0  # a later validate/test on this trainer is not silently skipped
+
+
+def test_mixed_precision_with_clipping_uses_foreach_adamw(
+    tile_root: Path, tiny_model_args: dict, tmp_path: Path,
+) -> None:
+    """Lightning refuses gradient clipping with a fused optimiser under mixed precision: ISSTAD trains with foreach."""
+    model = Isstad(**tiny_model_args, stage1_epochs=1, stage2_epochs=1)
+    eng = engine(tmp_path, precision="bf16-mixed", gradient_clip_val=1.0)
+    eng.fit(model=model, datamodule=datamodule(tile_root))
+    defaults = eng.trainer.optimizers[0].defaults
+    assert defaults["foreach"] is True and not defaults["fused"]

@@ -13,7 +13,7 @@ from isstad_plugin.models.isstad.loss import ssim
 def test_ssim_equals_torchmetrics_in_value_and_gradient(shape: tuple[int, ...]) -> None:
     generator = torch.Generator().manual_seed(0)
     target = torch.rand(shape, generator=generator)
-    # a reconstruction-like input: the target plus noise and a blur, so SSIM sits well inside (0, 1)
+    # a reconstruction-like input: the target plus noise, so SSIM sits well inside (0, 1)
     noisy = (target + 0.1 * torch.randn(shape, generator=generator)).clamp(0, 1)
     ours_in = noisy.clone().requires_grad_(True)
     theirs_in = noisy.clone().requires_grad_(True)
