@@ -5,9 +5,13 @@ Run by hand on a quiet machine::
     python -m benchmarks.isstad_recipe                         # every variant and seed of the config
     python -m benchmarks.isstad_recipe --only reference        # some variants
     python -m benchmarks.isstad_recipe --test                  # also the test half (once, for the chosen recipe)
+    python -m benchmarks.isstad_recipe --rescore               # score finished runs again (new scorings)
 
 The config (``configs/benchmark/isstad_recipe.yaml``) names a base model (``init_args`` of ``Isstad``), the variants
-(overrides of the base) and the seeds. Each (variant, seed) row trains with ``seed_everything(seed)`` on the
+(overrides of the base) and the seeds. A variant that changes stage 2 only may name ``stage1_from: <variant>``: it
+then starts from that variant's stage-1 checkpoint of the same seed (``stage1_epochs: 0``), so the two differ by the
+lever alone; its ``train_min`` adds that variant's stage-1 minutes. ``scorings`` (overrides of the scoring options
+only) are measured on every trained model without retraining, as rows ``<variant>+<scoring>``. Each (variant, seed) row trains with ``seed_everything(seed)`` on the
 category's ``train/good``, with anomalib's ``val_split_mode: from_test`` (``val_split_ratio: 0.5``): thresholds and
 every choice come from the validation half; the image AUROC, pixel AUROC and AUPRO of the validation half are
 always recorded, those of the test half only with ``--test``. Finished rows are kept in ``<output_dir>/rows.csv``
@@ -24,38 +28,131 @@ from pathlib import Path
 from statistics import mean, stdev
 
 import yaml
+from lightning.pytorch import Callback
 
 from benchmarks.common import DOCS, REPO, machine, markdown_table, write_page
 
 CONFIG = REPO / "configs" / "benchmark" / "isstad_recipe.yaml"
 METRICS = ("image_AUROC", "pixel_AUROC", "pixel_AUPRO")
-COLUMNS = ["variant", "seed", "split_seed", *[f"val_{m}" for m in METRICS], *[f"test_{m}" for m in METRICS], "train_min"]
+COLUMNS = ["variant", "seed", "split_seed", *[f"val_{m}" for m in METRICS], *[f"test_{m}" for m in METRICS], "train_min",
+           "stage1_min"]
+SCORING_OPTIONS = {"anomaly_map_kind", "image_score", "image_score_top_fraction", "score_sigma", "map_calibration"}
 
 
-def run_row(config: dict, variant: str, seed: int, with_test: bool, work: Path) -> dict:
-    """Train one variant with one seed; metrics of the validation half (and of the test half if asked)."""
-    from anomalib.data import MVTecAD
-    from anomalib.engine import Engine
-    from lightning.pytorch import seed_everything
+def run_dir(work: Path, variant: str, seed: int) -> Path:
+    return work / f"{variant}-{seed}"
 
-    from isstad_plugin import Isstad
 
-    seed_everything(seed, workers=True)
-    model = Isstad(**{**config["base"], **(config["variants"][variant] or {})})
-    # the split is the config's, the same for every variant and seed; the seed varies only the training
-    datamodule = MVTecAD(**config["data"], val_split_mode="from_test", val_split_ratio=0.5, seed=config["split_seed"])
-    engine = Engine(default_root_dir=work / f"{variant}-{seed}", accelerator="cpu", devices=1, logger=False,
-                    enable_progress_bar=False)
-    start = time.time()
-    engine.fit(model=model, datamodule=datamodule)
-    minutes = (time.time() - start) / 60
-    row = {"variant": variant, "seed": seed, "split_seed": config["split_seed"], "train_min": f"{minutes:.1f}"}
+def stage1_checkpoint(work: Path, variant: str, seed: int) -> Path:
+    """The stage-1 checkpoint that ``variant`` wrote for ``seed`` (the newest version of its run)."""
+    found = sorted(run_dir(work, variant, seed).rglob("stage1.ckpt"), key=lambda path: path.stat().st_mtime)
+    if not found:
+        msg = f"no stage-1 checkpoint of variant {variant!r} seed {seed} under {run_dir(work, variant, seed)}: run it first"
+        raise FileNotFoundError(msg)
+    return found[-1]
+
+
+def finished_checkpoint(work: Path, variant: str, seed: int) -> Path | None:
+    """The newest ``model.ckpt`` of ``variant``/``seed`` written after its last epoch, else None."""
+    import torch
+
+    for path in sorted(run_dir(work, variant, seed).rglob("model.ckpt"), key=lambda p: p.stat().st_mtime, reverse=True):
+        checkpoint = torch.load(path, map_location="cpu", weights_only=False)
+        plan = checkpoint.get("isstad_stage_plan") or {}
+        if plan and checkpoint.get("epoch", -1) + 1 >= plan["stage1_epochs"] + plan["stage2_epochs"]:
+            return path
+    return None
+
+
+def model_options(config: dict, variant: str, seed: int, work: Path) -> tuple[dict, str | None]:
+    """``Isstad`` arguments of ``variant`` and the variant whose stage 1 it reuses (None: it trains its own)."""
+    overrides = dict(config["variants"][variant] or {})
+    parent = overrides.pop("stage1_from", None)
+    options = {**config["base"], **overrides}
+    if parent is not None:
+        options.update(stage1_epochs=0, weights=str(stage1_checkpoint(work, parent, seed)))
+    return options, parent
+
+
+def scored_rows(engine, model, datamodule, with_test: bool) -> dict:  # noqa: ANN001
+    """Validation (and test) metrics of ``model`` as it scores now; thresholds and normalisation are refreshed
+    on the validation half first, so a changed scoring never reuses another scoring's statistics."""
+    engine.validate(model=model, datamodule=datamodule, verbose=False)
+    row = {}
     val = engine.test(model=model, dataloaders=datamodule.val_dataloader(), verbose=False)[0]
     row.update({f"val_{m}": f"{val[m]:.4f}" for m in METRICS})
     if with_test:
         test = engine.test(model=model, datamodule=datamodule, verbose=False)[0]
         row.update({f"test_{m}": f"{test[m]:.4f}" for m in METRICS})
     return row
+
+
+def run_rows(config: dict, variant: str, seed: int, with_test: bool, work: Path, rows: list[dict],
+             scorings: list[str] | None = None) -> list[dict]:
+    """Train one variant with one seed; rows of metrics of the validation half (and of the test half if asked):
+    the variant's own scoring, then each of the config's ``scorings`` (those named, if named) on the same model."""
+    from anomalib.data import MVTecAD
+    from anomalib.engine import Engine
+    from lightning.pytorch import seed_everything
+
+    from isstad_plugin import Isstad
+    from isstad_plugin.models.isstad.anomaly_map import AnomalyMapGenerator
+
+    seed_everything(seed, workers=True)
+    # the split is the config's, the same for every variant and seed; the seed varies only the training
+    datamodule = MVTecAD(**config["data"], val_split_mode="from_test", val_split_ratio=0.5, seed=config["split_seed"])
+    engine = Engine(default_root_dir=run_dir(work, variant, seed), accelerator="cpu", devices=1, logger=False,
+                    enable_progress_bar=False, callbacks=[StageTimer()])
+    previous = next((r for r in rows if r["variant"] == variant and int(r["seed"]) == seed), None)
+    finished = finished_checkpoint(work, variant, seed) if previous is not None else None
+    options, parent = model_options(config, variant, seed, work)
+    if finished is not None:  # trained before (validation row recorded): score that model, do not train again
+        model = Isstad.load_from_checkpoint(finished, map_location="cpu")
+        minutes, stage1 = float(previous["train_min"]), float(previous["stage1_min"])
+    else:
+        model = Isstad(**options)
+        start = time.time()
+        engine.fit(model=model, datamodule=datamodule)
+        minutes = (time.time() - start) / 60
+        stage1 = next(c for c in engine.trainer.callbacks if isinstance(c, StageTimer)).stage1_minutes
+        if parent is not None:  # this run reused the parent's stage 1: its cost is part of this recipe
+            stage1 = float(next(r["stage1_min"] for r in rows if r["variant"] == parent and int(r["seed"]) == seed))
+            minutes += stage1
+    common = {"seed": seed, "split_seed": config["split_seed"], "train_min": f"{minutes:.1f}",
+              "stage1_min": f"{stage1:.2f}"}
+    out = [{"variant": variant, **common, **scored_rows(engine, model, datamodule, with_test)}]
+    for scoring, scoring_overrides in (config.get("scorings") or {}).items():
+        if scorings is not None and scoring not in scorings:
+            continue
+        unknown = set(scoring_overrides) - SCORING_OPTIONS
+        if unknown:
+            msg = f"scoring {scoring!r} changes {sorted(unknown)}; a scoring may change only {sorted(SCORING_OPTIONS)}"
+            raise ValueError(msg)
+        scoring_options = {**options, **scoring_overrides}
+        model.model.anomaly_map_generator = AnomalyMapGenerator(
+            scoring_options.get("score_sigma", 4.0), scoring_options.get("anomaly_map_kind", "product"),
+            scoring_options.get("image_score", "paper"), scoring_options.get("image_score_top_fraction", 0.01),
+            scoring_options.get("map_calibration", "none"), (model.hparams.image_size,) * 2)
+        name = f"{variant}+{scoring}"
+        out.append({"variant": name, **common, **scored_rows(engine, model, datamodule, with_test)})
+    return out
+
+
+class StageTimer(Callback):
+    """Minutes from the start of the fit to the first stage-2 epoch (0 when the fit has no stage 1)."""
+
+    def __init__(self) -> None:
+        self.start = time.time()
+        self.stage1_minutes = 0.0
+        self._seen_stage2 = False
+
+    def on_fit_start(self, trainer, pl_module) -> None:  # noqa: ANN001
+        self.start = time.time()
+
+    def on_train_epoch_start(self, trainer, pl_module) -> None:  # noqa: ANN001
+        if pl_module.stage == 2 and not self._seen_stage2:
+            self._seen_stage2 = True
+            self.stage1_minutes = (time.time() - self.start) / 60
 
 
 def summary(rows: list[dict], variants: list[str]) -> list[list[str]]:
@@ -66,7 +163,7 @@ def summary(rows: list[dict], variants: list[str]) -> list[list[str]]:
         if not mine:
             continue
         cells = [variant, str(len(mine))]
-        for column in COLUMNS[2:]:
+        for column in [*[f"{h}_{m}" for h in ("val", "test") for m in METRICS], "train_min"]:
             values = [float(r[column]) for r in mine if r.get(column)]
             if not values:
                 cells.append("-")
@@ -84,6 +181,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--only", nargs="+", help="variants to run (default: all)")
     parser.add_argument("--seeds", type=int, nargs="+", help="seeds to run (default: the config's)")
     parser.add_argument("--test", action="store_true", help="also score the test half (for the chosen recipe)")
+    parser.add_argument("--rescore", action="store_true",
+                        help="score finished runs again (e.g. after adding scorings) from their checkpoints")
+    parser.add_argument("--scorings", nargs="*", metavar="NAME",
+                        help="the config's scorings to measure (default: all; none given: the variants' own only)")
     parser.add_argument("--output", type=Path, default=DOCS / "isstad-recipe.md")
     args = parser.parse_args(argv)
     config = yaml.safe_load(args.config.read_text())
@@ -94,25 +195,32 @@ def main(argv: list[str] | None = None) -> int:
     split = str(config["split_seed"])
     # rows of another split (older runs drew a split per seed) are kept in the file but never reused or mixed in
     current = [r for r in rows if r.get("split_seed") == split]
-    done = {(r["variant"], int(r["seed"])) for r in current if not args.test or r.get("test_image_AUROC")}
+    done = {(r["variant"], int(r["seed"])) for r in current
+            if not args.rescore and (not args.test or r.get("test_image_AUROC"))}
     variants = list(config["variants"])
     unknown = sorted(set(args.only or []) - set(variants))
     if unknown:
         parser.error(f"unknown variant(s) {unknown}; the config has {variants}")
+    unknown = sorted(set(args.scorings or []) - set(config.get("scorings") or {}))
+    if unknown:
+        parser.error(f"unknown scoring(s) {unknown}; the config has {list(config.get('scorings') or {})}")
     for variant in args.only or variants:
         for seed in args.seeds or config["seeds"]:
             if (variant, seed) in done:
                 print(f"kept {variant} seed {seed}")
                 continue
-            row = run_row(config, variant, seed, args.test, output_dir / "runs")
-            rows = [r for r in rows if (r["variant"], int(r["seed"]), r.get("split_seed")) != (variant, seed, split)]
-            rows.append(row)
+            new = run_rows(config, variant, seed, args.test, output_dir / "runs", current, args.scorings)
+            replaced = {(r["variant"], seed, split) for r in new}
+            rows = [r for r in rows if (r["variant"], int(r["seed"]), r.get("split_seed")) not in replaced]
+            rows.extend(new)
             current = [r for r in rows if r.get("split_seed") == split]
             with rows_path.open("w", newline="") as handle:
-                writer = csv.DictWriter(handle, fieldnames=COLUMNS)
+                writer = csv.DictWriter(handle, fieldnames=COLUMNS, extrasaction="ignore")
                 writer.writeheader()
                 writer.writerows(rows)
-            print(f"done {variant} seed {seed}: {row}", flush=True)
+            for row in new:
+                print(f"done {row['variant']} seed {seed}: {row}", flush=True)
+    named = [name for variant in variants for name in (variant, *(f"{variant}+{s}" for s in config.get("scorings") or {}))]
     header = ["variant", "seeds", *[f"val {m}" for m in METRICS], *[f"test {m}" for m in METRICS], "train min"]
     described = [[name, f"`{yaml.safe_dump(overrides or {}, default_flow_style=True, width=10_000).strip()}`"]
                  for name, overrides in config["variants"].items()]
@@ -129,12 +237,16 @@ def main(argv: list[str] | None = None) -> int:
         f"seed {split}, the same for every variant and seed), chosen on it only; the test half is scored only for the "
         "chosen recipe. Mean ± std over training seeds.",
         "",
-        markdown_table(header, summary(current, variants)) if current else "No run with this split yet.",
+        markdown_table(header, summary(current, named)) if current else "No run with this split yet.",
         "",
         "## Variants",
         "",
         markdown_table(["variant", "overrides of the base"], described),
         "",
+        *(["## Scorings (measured on every trained model, no retraining)", "",
+           markdown_table(["scoring", "overrides of the scoring"],
+                          [[name, f"`{yaml.safe_dump(o, default_flow_style=True, width=10_000).strip()}`"]
+                           for name, o in config["scorings"].items()]), ""] if config.get("scorings") else []),
     ])
     return 0
 

@@ -7,6 +7,7 @@ tensor values, constants (the Gaussian kernel) built once as buffers.
 from __future__ import annotations
 
 import math
+from typing import Literal
 
 import torch
 import torch.nn.functional as F  # noqa: N812
@@ -60,20 +61,63 @@ class GaussianSmoothing(nn.Module):
         return x.squeeze(1)
 
 
+MapKind = Literal["product", "probability", "error"]
+ImageScore = Literal["paper", "max", "top_k"]
+MapCalibration = Literal["none", "per_pixel"]
+MAP_KINDS = ("product", "probability", "error")
+IMAGE_SCORES = ("paper", "max", "top_k")
+MAP_CALIBRATIONS = ("none", "per_pixel")
+
+
 class AnomalyMapGenerator(nn.Module):
     """Fuse per-block pixel-status logits and the reconstruction error into a map and an image score.
 
-    ``p = mean_blocks softmax(logits)[anomalous]``, ``r = mean_channels (reconstruction - input)^2``;
-    anomaly map ``G(p * minmax(r))`` (min-max per image), image score ``mean G(G(p) * G(r))``.
+    ``p = mean_blocks softmax(logits)[anomalous]``, ``r = mean_channels (reconstruction - input)^2``.
+    The method's (default) map is ``G(p * minmax(r))`` (min-max per image) and its image score
+    ``mean G(G(p) * G(r))``. Variants (measured in ``docs/benchmarks/isstad-recipe.md``): the map from ``G(p)``
+    alone or ``G(r)`` alone; the image score as the map's maximum or the mean of its top ``top_fraction`` pixels;
+    and ``per_pixel`` calibration: the map standardised per pixel by the mean and std of the maps of normal
+    training images (:meth:`calibrate`), so places where normal images always score high (borders, edges of an
+    aligned object) stop outranking defects. The calibration is kept as buffers (checkpoint, export).
 
     Args:
         sigma: Gaussian sigma in pixels (4 in the method).
+        map_kind: ``product`` (the method), ``probability`` (``G(p)``) or ``error`` (``G(r)``).
+        image_score: ``paper`` (the method), ``max`` (of the map) or ``top_k`` (mean of the map's top pixels).
+        top_fraction: Fraction of the map's pixels averaged by ``top_k`` (at least one pixel).
+        calibration: ``none`` (the method) or ``per_pixel`` (see above; needs ``image_size``).
+        image_size: ``(H, W)`` of the maps, for the calibration buffers.
         eps: Guards the min-max division for a constant error map.
     """
 
-    def __init__(self, sigma: float = 4.0, eps: float = 1e-8) -> None:
+    def __init__(self, sigma: float = 4.0, map_kind: MapKind = "product", image_score: ImageScore = "paper",
+                 top_fraction: float = 0.01, calibration: MapCalibration = "none",
+                 image_size: tuple[int, int] | None = None, eps: float = 1e-8) -> None:
         super().__init__()
+        if calibration not in MAP_CALIBRATIONS:
+            msg = f"map_calibration must be one of {MAP_CALIBRATIONS}, got {calibration!r}."
+            raise ValueError(msg)
+        if calibration != "none":
+            if image_size is None:
+                msg = "map_calibration='per_pixel' needs the map size (image_size)."
+                raise ValueError(msg)
+            # identity until calibrate() runs: (map - 0) / 1
+            self.register_buffer("normal_mean", torch.zeros(image_size))
+            self.register_buffer("normal_scale", torch.ones(image_size))
+        self.calibration = calibration
+        if map_kind not in MAP_KINDS:
+            msg = f"anomaly_map_kind must be one of {MAP_KINDS}, got {map_kind!r}."
+            raise ValueError(msg)
+        if image_score not in IMAGE_SCORES:
+            msg = f"image_score must be one of {IMAGE_SCORES}, got {image_score!r}."
+            raise ValueError(msg)
+        if not 0 < top_fraction <= 1:
+            msg = f"image_score_top_fraction must be in (0, 1], got {top_fraction}."
+            raise ValueError(msg)
         self.blur = GaussianSmoothing(sigma)
+        self.map_kind = map_kind
+        self.image_score = image_score
+        self.top_fraction = top_fraction
         self.eps = eps
 
     @staticmethod
@@ -97,11 +141,43 @@ class AnomalyMapGenerator(nn.Module):
         Returns:
             ``(anomaly_map [B, 1, H, W], pred_score [B])``.
         """
+        anomaly_map, probability, error = self.raw_map(reconstruction, image, block_logits)
+        if self.calibration != "none":
+            anomaly_map = (anomaly_map - self.normal_mean) / self.normal_scale
+        if self.image_score == "paper":
+            pred_score = self.blur(self.blur(probability) * self.blur(error)).mean(dim=(-2, -1))
+        else:
+            flat = anomaly_map.flatten(1)
+            k = 1 if self.image_score == "max" else max(1, round(self.top_fraction * flat.shape[1]))
+            pred_score = flat.topk(k, dim=1).values.mean(dim=1)
+        return anomaly_map.unsqueeze(1), pred_score
+
+    def raw_map(self, reconstruction: torch.Tensor, image: torch.Tensor,
+                block_logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The uncalibrated map ``[B, H, W]``, with ``p`` and ``r`` (``[B, H, W]`` each)."""
         probability = self.anomalous_probability(block_logits)
         error = (reconstruction - image).pow(2).mean(dim=1)
-        low = error.amin(dim=(-2, -1), keepdim=True)
-        high = error.amax(dim=(-2, -1), keepdim=True)
-        error_01 = (error - low) / (high - low + self.eps)
-        anomaly_map = self.blur(probability * error_01).unsqueeze(1)
-        pred_score = self.blur(self.blur(probability) * self.blur(error)).mean(dim=(-2, -1))
-        return anomaly_map, pred_score
+        if self.map_kind == "product":
+            low = error.amin(dim=(-2, -1), keepdim=True)
+            high = error.amax(dim=(-2, -1), keepdim=True)
+            anomaly_map = self.blur(probability * (error - low) / (high - low + self.eps))
+        else:
+            anomaly_map = self.blur(probability if self.map_kind == "probability" else error)
+        return anomaly_map, probability, error
+
+    @torch.no_grad()
+    def calibrate(self, normal_maps: torch.Tensor) -> None:
+        """Set the per-pixel calibration from ``[N, H, W]`` raw maps (:meth:`raw_map`) of normal images.
+
+        The scale is the per-pixel std plus a tenth of its mean over the image, so that pixels where the normal
+        maps hardly vary are not amplified without bound.
+        """
+        if self.calibration == "none":
+            return
+        if normal_maps.ndim != 3 or normal_maps.shape[1:] != self.normal_mean.shape or len(normal_maps) < 2:
+            msg = f"calibration needs [N >= 2, {tuple(self.normal_mean.shape)}] maps, got {tuple(normal_maps.shape)}."
+            raise ValueError(msg)
+        maps = normal_maps.to(self.normal_mean)
+        std = maps.std(dim=0)
+        self.normal_mean.copy_(maps.mean(dim=0))
+        self.normal_scale.copy_(std + 0.1 * std.mean() + self.eps)

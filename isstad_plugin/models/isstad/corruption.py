@@ -2,7 +2,8 @@
 
 A random union of rectangles, ellipses and polygons, drawn inside the object's foreground box, is filled with a
 transformed copy of the image (colour jitter / grayscale / blur, flips, or a blend with noise); the shape mask is the
-pixel label. Everything is batched torch code on the input's device; all randomness comes from one
+pixel label. Beyond the paper (options, off by default): Perlin-noise masks (anomalib's noise, as DRAEM draws them)
+and fills taken from the image itself shifted and rotated, or from another image of the batch. Everything is batched torch code on the input's device; all randomness comes from one
 ``torch.Generator`` per device (or torch's global RNG when no seed is given).
 """
 
@@ -11,9 +12,11 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import Literal
 
 import torch
 import torch.nn.functional as F  # noqa: N812
+from anomalib.data.utils.generators.perlin import generate_perlin_noise
 from kornia.color import rgb_to_grayscale
 from kornia.contrib import connected_components
 from kornia.filters import filter2d_separable
@@ -22,7 +25,11 @@ from torch import Tensor
 from isstad_plugin.models.seeding import SeededAugmentation
 
 SHAPES = ("rectangle", "ellipse", "polygon")
-TRANSFORMS = ("color", "flip", "noise")
+PAPER_TRANSFORMS = ("color", "flip", "noise")
+TRANSFORMS = (*PAPER_TRANSFORMS, "shift", "other")
+MASK_KINDS = ("shapes", "perlin", "mixed")
+Fill = Literal["color", "flip", "noise", "shift", "other"]
+MaskKind = Literal["shapes", "perlin", "mixed"]
 _GRID = 32  # the foreground mask is labelled on a grid of at most _GRID x _GRID cells
 _MAX_VERTICES = 8
 
@@ -243,6 +250,40 @@ def _polygon(x0: Tensor, y0: Tensor, x_hi: Tensor, y_hi: Tensor, xs: Tensor, ys:
     return inside | ((xs == vx[:, :1, None].floor()) & (ys == vy[:, :1, None].floor()))
 
 
+def perlin_masks(boxes: Tensor, height: int, width: int, generator: torch.Generator | None) -> Tensor:
+    """Perlin-noise blobs (anomalib's ``generate_perlin_noise`` above 0.5, random scale), clipped to each box.
+
+    DRAEM's mask family: irregular, often several disjoint blobs. A mask may come out empty (noise below the
+    threshold inside the box); that sample then stays clean with an all-normal label, as in DRAEM.
+
+    Args:
+        boxes: int64 ``[B, 4]`` ``(x0, y0, x1, y1)``, exclusive ends.
+        height, width: the image size.
+        generator: the random generator on ``boxes.device``; anomalib's function draws from torch's global RNG, so
+            with a generator each mask is drawn under a seed taken from it (reproducible, global RNG untouched).
+
+    Returns:
+        float32 ``[B, 1, height, width]`` with values in {0, 1}.
+    """
+    device, b = boxes.device, boxes.shape[0]
+    masks = []
+    for _ in range(b):
+        if generator is None:
+            noise = generate_perlin_noise(height, width, device=device)
+        else:
+            seed = int(torch.randint(2**62, (1,), generator=generator, device=device))
+            accelerators = [] if device.index is None else [device.index]  # the host's RNG is always forked
+            with torch.random.fork_rng(devices=accelerators, device_type=device.type):
+                torch.manual_seed(seed)
+                noise = generate_perlin_noise(height, width, device=device)
+        masks.append(noise > 0.5)
+    xs = torch.arange(width, device=device).view(1, 1, width)
+    ys = torch.arange(height, device=device).view(1, height, 1)
+    x0, y0, x1, y1 = (t.view(b, 1, 1) for t in boxes.long().unbind(1))
+    inside = (xs >= x0) & (xs < x1) & (ys >= y0) & (ys < y1)
+    return (torch.stack(masks) & inside).unsqueeze(1).float()
+
+
 def _apply_per_choice(
     x: Tensor,
     choice: Tensor,
@@ -266,15 +307,19 @@ class SyntheticCorruption(SeededAugmentation):
         max_shapes: the most shapes in one mask.
         restrict_to_foreground: draw shapes inside :func:`foreground_boxes` instead of the whole image.
         remove_dark: make the transformed copy from :func:`remove_dark` of the image.
-        transforms: the transform kinds to choose from ("color", "flip", "noise").
+        transforms: the fills to choose from: the paper's "color", "flip", "noise"; beyond it "shift" (the image
+            itself, rolled by a random offset and rotated by a multiple of 90 degrees) and "other" (the next
+            corrupted image of the batch, shifted likewise).
         shapes: the shape kinds to choose from ("rectangle", "ellipse", "polygon").
+        masks: "shapes" (the paper's union of shapes), "perlin" (:func:`perlin_masks`) or "mixed" (either, 50 %).
         blur_sigma_fraction: the range of the Gaussian blur sigma as a fraction of the image side.
         seed: seed of the generator; None uses torch's global RNG.
     """
 
     def __init__(self, probability: float = 2 / 3, max_shapes: int = 3, restrict_to_foreground: bool = True,
-                 remove_dark: bool = False, transforms: Sequence[str] = TRANSFORMS, shapes: Sequence[str] = SHAPES,
-                 blur_sigma_fraction: tuple[float, float] = (15 / 1024, 20 / 1024), seed: int | None = None) -> None:
+                 remove_dark: bool = False, transforms: Sequence[str] = PAPER_TRANSFORMS,
+                 shapes: Sequence[str] = SHAPES, blur_sigma_fraction: tuple[float, float] = (15 / 1024, 20 / 1024),
+                 seed: int | None = None, masks: MaskKind = "shapes") -> None:
         super().__init__(seed)
         if not 0.0 <= probability <= 1.0:
             raise ValueError(f"probability must be in [0, 1], got {probability}")
@@ -284,6 +329,8 @@ class SyntheticCorruption(SeededAugmentation):
             raise ValueError(f"transforms must be a non-empty subset of {TRANSFORMS}, got {transforms!r}")
         if isinstance(shapes, str) or not shapes or any(s not in SHAPES for s in shapes):
             raise ValueError(f"shapes must be a non-empty subset of {SHAPES}, got {shapes!r}")
+        if masks not in MASK_KINDS:
+            raise ValueError(f"masks must be one of {MASK_KINDS}, got {masks!r}")
         if len(blur_sigma_fraction) != 2 or not 0 < blur_sigma_fraction[0] <= blur_sigma_fraction[1]:
             raise ValueError(f"blur_sigma_fraction must be (low, high) with 0 < low <= high, got {blur_sigma_fraction}")
         self.probability = float(probability)
@@ -292,8 +339,8 @@ class SyntheticCorruption(SeededAugmentation):
         self.remove_dark = remove_dark
         self.transforms = tuple(transforms)
         self.shapes = tuple(shapes)
+        self.masks = masks
         self.blur_sigma_fraction = (float(blur_sigma_fraction[0]), float(blur_sigma_fraction[1]))
-
 
     @torch.no_grad()
     def forward(self, images: Tensor) -> tuple[Tensor, Tensor]:
@@ -323,11 +370,21 @@ class SyntheticCorruption(SeededAugmentation):
             boxes = foreground_boxes(picked)
         else:
             boxes = _whole_image_boxes(len(chosen), h, w, images.device)
-        picked_mask = draw_shape_masks(boxes, h, w, self.max_shapes, gen, self.shapes).to(images.dtype)
+        picked_mask = self._masks(boxes, h, w, gen).to(images.dtype)
         source = remove_dark(picked) if self.remove_dark else picked
         transformed = self._transform(source, gen).clamp(0, 1)
         corrupted = images.index_copy(0, chosen, picked * (1 - picked_mask) + transformed * picked_mask)
         return corrupted, mask.index_copy(0, chosen, picked_mask)
+
+    def _masks(self, boxes: Tensor, h: int, w: int, gen: torch.Generator | None) -> Tensor:
+        """``[B, 1, h, w]`` masks of the configured family inside ``boxes``."""
+        if self.masks == "shapes":
+            return draw_shape_masks(boxes, h, w, self.max_shapes, gen, self.shapes)
+        if self.masks == "perlin":
+            return perlin_masks(boxes, h, w, gen)
+        use_perlin = torch.rand(len(boxes), generator=gen, device=boxes.device) < 0.5
+        shapes = draw_shape_masks(boxes, h, w, self.max_shapes, gen, self.shapes)
+        return torch.where(use_perlin.view(-1, 1, 1, 1), perlin_masks(boxes, h, w, gen), shapes)
 
     def _transform(self, x: Tensor, gen: torch.Generator | None) -> Tensor:
         """One randomly chosen transform of ``self.transforms`` per sample, computed only where chosen."""
@@ -409,3 +466,27 @@ class SyntheticCorruption(SeededAugmentation):
     def _noise(self, x: Tensor, gen: torch.Generator | None) -> Tensor:
         """50 % blend with uniform noise."""
         return 0.5 * x + 0.5 * torch.rand(x.shape, generator=gen, device=x.device, dtype=x.dtype)
+
+    def _shift(self, x: Tensor, gen: torch.Generator | None) -> Tensor:
+        """The image itself, rolled by 1/4..3/4 of each side and rotated by 0/90/180/270 degrees (square images;
+        others by 0/180), so a region is filled with the same texture from elsewhere."""
+        b, _, h, w = x.shape
+        dy = _randint(torch.full((b,), h // 4, device=x.device), torch.full((b,), 3 * h // 4, device=x.device), gen)
+        dx = _randint(torch.full((b,), w // 4, device=x.device), torch.full((b,), 3 * w // 4, device=x.device), gen)
+        rows = (torch.arange(h, device=x.device).view(1, h) - dy.view(b, 1)) % h  # [B, H]
+        cols = (torch.arange(w, device=x.device).view(1, w) - dx.view(b, 1)) % w  # [B, W]
+        x = x.gather(2, rows.view(b, 1, h, 1).expand(b, x.shape[1], h, w))
+        x = x.gather(3, cols.view(b, 1, 1, w).expand(b, x.shape[1], h, w))
+        quarter_turns = (1, 2, 3) if h == w else (2,)
+        turns = torch.tensor((0, *quarter_turns), device=x.device)[
+            _randint(torch.zeros(b, dtype=torch.long, device=x.device),
+                     torch.full((b,), len(quarter_turns), device=x.device), gen)]
+        out = x
+        for k in quarter_turns:
+            out = torch.where((turns == k).view(b, 1, 1, 1), x.rot90(k, (2, 3)), out)
+        return out
+
+    def _other(self, x: Tensor, gen: torch.Generator | None) -> Tensor:
+        """Another image: the next of the samples that chose this fill (itself when alone), shifted as
+        :meth:`_shift`."""
+        return self._shift(x.roll(1, 0), gen)

@@ -29,7 +29,6 @@ from kornia.augmentation import RandomHorizontalFlip, RandomResizedCrop
 from lightning.pytorch import Callback
 from lightning.pytorch.plugins.precision import MixedPrecision
 from lightning.pytorch.utilities.types import STEP_OUTPUT
-from timm.optim import param_groups_weight_decay
 from torch import nn
 from torchvision.transforms.v2 import Compose, Normalize, Resize
 
@@ -38,9 +37,10 @@ from isstad_plugin.data_checks import check_dataset
 from isstad_plugin.models.evaluation import image_and_pixel_evaluator
 from isstad_plugin.transforms import transform_leaves
 
-from .corruption import MVTEC_AD_PRESETS, SyntheticCorruption, preset_for_category
+from .anomaly_map import ImageScore, MapCalibration, MapKind
+from .corruption import MVTEC_AD_PRESETS, PAPER_TRANSFORMS, Fill, MaskKind, SyntheticCorruption, preset_for_category
 from .loss import Stage2Loss, masked_patch_mse
-from .optim import adamw
+from .optim import adamw, weight_decay_groups
 from .stages import StageCheckpoint, StagePlan, TwoStageSchedule, warmup_cosine_factor
 from .torch_model import IMAGENET_MEAN, IMAGENET_STD, IsstadModel
 from .weights import WeightsNotFoundError, load_weights
@@ -80,17 +80,33 @@ class Isstad(AnomalibModule):
         stage2_betas: Stage-2 AdamW betas.
         stage2_cosine_epochs: ``T_max`` of stage 2's per-epoch cosine annealing.
         stage2_min_lr: ``eta_min`` of stage 2's cosine annealing.
+        stage2_encoder_blocks: Encoder blocks (the last ones, with the final norm) trained in stage 2; 0 freezes the
+            whole encoder (the paper), the encoder depth or more trains all of it.
+        stage2_encoder_lr_scale: Stage-2 learning rate of those encoder blocks, as a fraction of ``stage2_lr``.
         corruption_probability: Probability that a stage-2 training image is corrupted.
         max_shapes: Most shapes per corruption mask; ``None``: MVTec AD preset for the category, else 3.
         restrict_to_foreground: Draw masks inside the object's Otsu box; ``None``: preset, else on.
         remove_dark: Make the pasted copy from the image with dark pixels replaced; ``None``: preset, else off.
         corruption_seed: Seed of the corruption generator; ``None`` follows the global seed.
+        corruption_masks: ``shapes`` (the paper's rectangles/ellipses/polygons), ``perlin`` (Perlin-noise blobs, as
+            DRAEM) or ``mixed`` (either, half the time each).
+        corruption_fills: Fills pasted through the mask, one drawn per image: the paper's ``color``, ``flip``,
+            ``noise``; beyond it ``shift`` (the image itself rolled and rotated) and ``other`` (another image).
         ce_class_weights: Cross-entropy weights ``(normal, anomalous)``.
         mse_weight: Weight of the reconstruction MSE in stage 2.
         ssim_weight: Weight of ``1 - SSIM`` in stage 2.
         reconstruction_target: ``input`` (upstream: the corrupted network input) or ``clean`` (the repaired
             image, as the paper's wording suggests).
         score_sigma: Gaussian sigma (pixels) of the fused scoring.
+        anomaly_map_kind: Pixel map: ``product`` (the paper: ``G(p * minmax(r))`` of the pixel-status probability
+            ``p`` and the reconstruction error ``r``), ``probability`` (``G(p)``) or ``error`` (``G(r)``).
+        image_score: ``paper`` (mean of ``G(G(p) * G(r))``), ``max`` (the map's maximum) or ``top_k`` (the mean of
+            the map's top ``image_score_top_fraction`` pixels).
+        image_score_top_fraction: Fraction of the map's pixels averaged by ``image_score="top_k"``.
+        map_calibration: ``none`` (the paper) or ``per_pixel``: before each validation, the maps of the training
+            images (normal by definition) give a per-pixel mean and std, and the anomaly map becomes
+            ``(map - mean) / std`` (kept in the checkpoint and the export). Costs one pass over the training set
+            per validation.
         weights: Pretrained or reference weights loaded when the first fit/validate/test/predict starts (never
             in ``__init__``, so construction, ``load_from_checkpoint`` and export stay offline): a local file
             (official MAE release ``{'model': ...}``, the authors' stage-1 checkpoint or stage-2 ``net_ad.pth``,
@@ -136,16 +152,24 @@ class Isstad(AnomalibModule):
         stage2_betas: tuple[float, float] = (0.9, 0.95),
         stage2_cosine_epochs: int = 30,
         stage2_min_lr: float = 1e-6,
+        stage2_encoder_blocks: int = 0,
+        stage2_encoder_lr_scale: float = 0.1,
         corruption_probability: float = 2 / 3,
         max_shapes: int | None = None,
         restrict_to_foreground: bool | None = None,
         remove_dark: bool | None = None,
         corruption_seed: int | None = None,
+        corruption_masks: MaskKind = "shapes",
+        corruption_fills: Sequence[Fill] = PAPER_TRANSFORMS,
         ce_class_weights: tuple[float, float] = (3.0, 1.0),
         mse_weight: float = 0.5,
         ssim_weight: float = 0.1,
         reconstruction_target: ReconstructionTarget = "input",
         score_sigma: float = 4.0,
+        anomaly_map_kind: MapKind = "product",
+        image_score: ImageScore = "paper",
+        image_score_top_fraction: float = 0.01,
+        map_calibration: MapCalibration = "none",
         weights: str | None = None,
         normalization: Normalization = "imagenet",
         val_every_n_epochs: int = 0,
@@ -159,7 +183,9 @@ class Isstad(AnomalibModule):
         _check_arguments(stage1_epochs, stage2_epochs, mask_ratio, reconstruction_target, image_size, patch_size)
         for name, value in (("val_every_n_epochs", val_every_n_epochs),
                             ("checkpoint_every_n_epochs", checkpoint_every_n_epochs),
-                            ("train_cache_gb", train_cache_gb)):
+                            ("train_cache_gb", train_cache_gb),
+                            ("stage2_encoder_blocks", stage2_encoder_blocks),
+                            ("stage2_encoder_lr_scale", stage2_encoder_lr_scale)):
             if not value >= 0:  # also refuses NaN
                 msg = f"{name} must be >= 0 (0 switches it off), got {value}."
                 raise ValueError(msg)
@@ -182,6 +208,10 @@ class Isstad(AnomalibModule):
             decoder_depth=decoder_depth,
             decoder_num_heads=decoder_num_heads,
             score_sigma=score_sigma,
+            anomaly_map_kind=anomaly_map_kind,
+            image_score=image_score,
+            image_score_top_fraction=image_score_top_fraction,
+            map_calibration=map_calibration,
             **NORMALIZATIONS[normalization],
         )
         self.loss = Stage2Loss(ce_class_weights, mse_weight, ssim_weight)
@@ -196,6 +226,8 @@ class Isstad(AnomalibModule):
             restrict_to_foreground=True if restrict_to_foreground is None else restrict_to_foreground,
             remove_dark=bool(remove_dark),
             seed=corruption_seed,
+            masks=corruption_masks,
+            transforms=tuple(corruption_fills),
         )
         self.stage_plan = StagePlan(stage1_epochs, stage2_epochs, stage1_warmup_epochs, stage2_cosine_epochs)
         self.stage = 0
@@ -301,7 +333,7 @@ class Isstad(AnomalibModule):
         if stage not in {1, 2}:
             msg = f"ISSTAD has stages 1 and 2, got {stage}."
             raise ValueError(msg)
-        self.model.freeze_encoder(stage == 2)
+        self.model.freeze_encoder(stage == 2, self.hparams.stage2_encoder_blocks)
         self.stage = stage
 
     def on_fit_start(self) -> None:
@@ -358,7 +390,7 @@ class Isstad(AnomalibModule):
         if self.stage == 1:
             steps_per_epoch = self._steps_per_epoch()
             lr = hp.stage1_base_lr * self._effective_batch_size() / 256
-            groups = param_groups_weight_decay(self.model, hp.stage1_weight_decay)
+            groups = weight_decay_groups(self.model, hp.stage1_weight_decay, lambda _: True)
             optimizer = adamw(groups, self.device, self._fused_allowed(), lr=lr, betas=tuple(hp.stage1_betas))
             warmup = self.stage_plan.stage1_warmup_epochs * steps_per_epoch
             total = self.stage_plan.stage1_epochs * steps_per_epoch
@@ -367,7 +399,12 @@ class Isstad(AnomalibModule):
                 lambda step: warmup_cosine_factor(step, warmup, total),
             )
             return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
-        groups = param_groups_weight_decay(self.model, hp.stage2_weight_decay)  # frozen encoder is skipped
+        encoder = {id(p) for p in self.model.encoder_parameters()}
+        groups = [  # frozen parameters are skipped; trained encoder blocks get their own learning rate
+            *weight_decay_groups(self.model, hp.stage2_weight_decay, lambda p: id(p) not in encoder),
+            *weight_decay_groups(self.model, hp.stage2_weight_decay, lambda p: id(p) in encoder,
+                                 lr=hp.stage2_lr * hp.stage2_encoder_lr_scale),
+        ]
         optimizer = adamw(groups, self.device, self._fused_allowed(), lr=hp.stage2_lr, betas=tuple(hp.stage2_betas))
         scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(
             optimizer,
@@ -428,6 +465,22 @@ class Isstad(AnomalibModule):
         )
         self.log("stage", 2.0, on_step=False, on_epoch=True, batch_size=size)
         return {"loss": terms.total}
+
+    def on_validation_epoch_start(self) -> None:
+        """With ``map_calibration``, calibrate the maps on the training images before scoring the validation set."""
+        calibration = self.model.anomaly_map_generator.calibration
+        if calibration == "none":
+            return
+        datamodule = self.trainer.datamodule
+        if datamodule is None or getattr(datamodule, "train_data", None) is None:
+            logger.warning("ISSTAD: map_calibration=%r needs the datamodule's training images; none here, so the "
+                           "calibration stays as it was (from the checkpoint, else none).", calibration)
+            return
+        maps = []
+        for batch in datamodule.train_dataloader():
+            images = self.pre_processor.transform(batch.image.to(self.device))
+            maps.append(self.model.raw_anomaly_maps(images))
+        self.model.anomaly_map_generator.calibrate(torch.cat(maps))
 
     def validation_step(self, batch: Batch, *args, **kwargs) -> STEP_OUTPUT:
         """Score the batch (anomaly maps and image scores) for thresholds and metrics."""

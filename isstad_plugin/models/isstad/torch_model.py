@@ -24,7 +24,7 @@ from timm.layers import PatchEmbed
 from timm.models.vision_transformer import Block
 from torch import nn
 
-from .anomaly_map import AnomalyMapGenerator
+from .anomaly_map import AnomalyMapGenerator, ImageScore, MapCalibration, MapKind
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -107,6 +107,10 @@ class IsstadModel(nn.Module):
         mean: Per-channel mean used to normalise ``[0, 1]`` inputs.
         std: Per-channel std used to normalise ``[0, 1]`` inputs.
         score_sigma: Gaussian sigma (pixels) of the fused scoring.
+        anomaly_map_kind: Map fused by the scoring (see :class:`.anomaly_map.AnomalyMapGenerator`).
+        image_score: Image score of the scoring (see :class:`.anomaly_map.AnomalyMapGenerator`).
+        image_score_top_fraction: Fraction of the map's pixels averaged by ``image_score="top_k"``.
+        map_calibration: ``none`` or ``per_pixel`` (see :class:`.anomaly_map.AnomalyMapGenerator`).
     """
 
     def __init__(
@@ -121,6 +125,10 @@ class IsstadModel(nn.Module):
         mean: tuple[float, float, float] = IMAGENET_MEAN,
         std: tuple[float, float, float] = IMAGENET_STD,
         score_sigma: float = 4.0,
+        anomaly_map_kind: MapKind = "product",
+        image_score: ImageScore = "paper",
+        image_score_top_fraction: float = 0.01,
+        map_calibration: MapCalibration = "none",
     ) -> None:
         super().__init__()
         if backbone not in VIT_VARIANTS:
@@ -169,8 +177,10 @@ class IsstadModel(nn.Module):
         if min(height, width) <= int(4.0 * score_sigma + 0.5):
             msg = f"image_size {tuple(image_size)} is too small for score_sigma {score_sigma} (kernel radius)."
             raise ValueError(msg)
-        self.anomaly_map_generator = AnomalyMapGenerator(sigma=score_sigma)
+        self.anomaly_map_generator = AnomalyMapGenerator(score_sigma, anomaly_map_kind, image_score,
+                                                         image_score_top_fraction, map_calibration, (height, width))
         self.encoder_frozen = False
+        self.trainable_encoder_blocks = variant.depth  # blocks (from the last) that run with autograd
         self.initialize_weights()
 
     # ------------------------------------------------------------------ set-up
@@ -205,17 +215,32 @@ class IsstadModel(nn.Module):
         encoder_ids = {id(p) for p in self.encoder_parameters()}
         return [p for p in self.parameters() if id(p) not in encoder_ids]
 
-    def freeze_encoder(self, frozen: bool = True) -> None:
-        """Freeze (stage 2) or unfreeze (stage 1) the encoder; a frozen encoder runs without autograd.
+    def freeze_encoder(self, frozen: bool = True, trainable_blocks: int = 0) -> None:
+        """Freeze (stage 2) or unfreeze (stage 1) the encoder; frozen parts run without autograd.
+
+        Args:
+            frozen: Freeze the encoder (the paper's stage 2).
+            trainable_blocks: With ``frozen``, keep the last this many blocks and the final norm trainable
+                (0: all frozen, the paper); the block count or more keeps the whole encoder trainable.
 
         Freezing also drops the gradients of stage 1's last step: no optimiser holds the frozen parameters any
         more, so nothing else would clear them (and they would keep their memory).
         """
+        if trainable_blocks < 0:
+            msg = f"trainable encoder blocks must be >= 0, got {trainable_blocks}."
+            raise ValueError(msg)
+        depth = len(self.blocks)
+        trainable = set()
+        if not frozen or trainable_blocks >= depth:
+            trainable = {id(p) for p in self.encoder_parameters()}
+        elif trainable_blocks:
+            trainable = {id(p) for m in [*self.blocks[depth - trainable_blocks:], self.norm] for p in m.parameters()}
         for param in self.encoder_parameters():
-            param.requires_grad_(not frozen)
-            if frozen:
+            param.requires_grad_(id(param) in trainable)
+            if id(param) not in trainable:
                 param.grad = None
         self.encoder_frozen = frozen
+        self.trainable_encoder_blocks = min(trainable_blocks, depth) if frozen else depth
 
     # ------------------------------------------------------------------ tensor plumbing
     def normalize(self, images: torch.Tensor) -> torch.Tensor:
@@ -276,15 +301,19 @@ class IsstadModel(nn.Module):
         Returns:
             ``(latent [B, 1 + L_keep, E], mask [B, L] or None, ids_restore [B, L] or None)``.
         """
-        with torch.set_grad_enabled(torch.is_grad_enabled() and not self.encoder_frozen):
+        grad = torch.is_grad_enabled()
+        first_trained = len(self.blocks) - self.trainable_encoder_blocks  # blocks before it run without autograd
+        with torch.set_grad_enabled(grad and first_trained == 0):
             x = self.patch_embed(images) + self.pos_embed[:, 1:]
             mask = ids_restore = None
             if mask_ratio > 0:
                 x, mask, ids_restore = self.random_masking(x, mask_ratio)
             cls = (self.cls_token + self.pos_embed[:, :1]).expand(x.shape[0], -1, -1)
             x = torch.cat([cls, x], dim=1)
-            for block in self.blocks:
+        for index, block in enumerate(self.blocks):
+            with torch.set_grad_enabled(grad and index >= first_trained):
                 x = block(x)
+        with torch.set_grad_enabled(grad and self.trainable_encoder_blocks > 0):
             x = self.norm(x)
         return x, mask, ids_restore
 
@@ -348,6 +377,12 @@ class IsstadModel(nn.Module):
         output = self.pixel_outputs(images)
         anomaly_map, pred_score = self.anomaly_map_generator(output.reconstruction, output.image, output.block_logits)
         return InferenceBatch(pred_score=pred_score, anomaly_map=anomaly_map)
+
+    @torch.no_grad()
+    def raw_anomaly_maps(self, images: torch.Tensor) -> torch.Tensor:
+        """``[B, 3, H, W]`` images in [0, 1] -> ``[B, H, W]`` uncalibrated anomaly maps (for the calibration)."""
+        output = self.pixel_outputs(images)
+        return self.anomaly_map_generator.raw_map(output.reconstruction, output.image, output.block_logits)[0]
 
 
 def _nearest_multiple(value: int, base: int) -> int:

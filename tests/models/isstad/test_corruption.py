@@ -19,6 +19,7 @@ from isstad_plugin.models.isstad.corruption import (
     SyntheticCorruption,
     draw_shape_masks,
     foreground_boxes,
+    perlin_masks,
     preset_for_category,
     remove_dark,
 )
@@ -93,6 +94,7 @@ def test_presets_table() -> None:
         ({"shapes": ("star",)}, "shapes"),
         ({"blur_sigma_fraction": (0.0, 0.01)}, "blur_sigma_fraction"),
         ({"blur_sigma_fraction": (0.02, 0.01)}, "blur_sigma_fraction"),
+        ({"masks": "circles"}, "masks"),
     ],
 )
 def test_invalid_arguments_name_the_parameter(kwargs: dict, name: str) -> None:
@@ -285,6 +287,60 @@ def test_flip_and_noise_transforms() -> None:
     corrupted, mask = SyntheticCorruption(1.0, restrict_to_foreground=False, transforms=("noise",), seed=1)(images)
     noise = (2 * corrupted - images)[mask.bool().expand_as(images)]  # the uniform noise that was blended in
     assert noise.min() >= -1e-6 and noise.max() <= 1 + 1e-6 and abs(noise.mean().item() - 0.5) < 0.05
+
+
+def test_shift_fill_is_the_image_rolled_and_rotated() -> None:
+    images = torch.rand(6, 3, 32, 32, generator=torch.Generator().manual_seed(2))
+    module = SyntheticCorruption(1.0, restrict_to_foreground=False, transforms=("shift",), seed=4)
+    shifted = module._shift(images, module.generator(images.device))
+    for i in range(6):
+        candidates = [images[i].roll((dy, dx), (1, 2)).rot90(k, (1, 2))
+                      for dy in range(8, 25) for dx in range(8, 25) for k in range(4)]
+        assert any(torch.equal(shifted[i], c) for c in candidates)
+    assert not torch.equal(shifted, images)
+    wide = torch.rand(4, 3, 32, 48)  # not square: half turns only, the shape is kept
+    assert module._shift(wide, module.generator(wide.device)).shape == wide.shape
+    corrupted, mask = module(images)
+    _check_invariants(images, corrupted, mask)
+
+
+def test_other_fill_comes_from_another_image_of_the_batch() -> None:
+    images = torch.stack([torch.full((3, 32, 32), value) for value in (0.1, 0.5, 0.9)])
+    corrupted, mask = SyntheticCorruption(1.0, restrict_to_foreground=False, transforms=("other",), seed=0)(images)
+    _check_invariants(images, corrupted, mask)
+    for i in range(3):
+        pasted = corrupted[i][mask[i].bool().expand(3, -1, -1)]
+        assert torch.all(pasted == images[(i - 1) % 3, 0, 0, 0])  # the previous image of the batch
+
+
+def test_perlin_masks_are_blobs_inside_their_boxes_and_seeded() -> None:
+    boxes = torch.tensor([[0, 0, 64, 64], [8, 16, 40, 48], [0, 0, 64, 64], [20, 20, 21, 21]])
+    first = perlin_masks(boxes, 64, 64, torch.Generator().manual_seed(0))
+    again = perlin_masks(boxes, 64, 64, torch.Generator().manual_seed(0))
+    state = torch.random.get_rng_state()
+    other = perlin_masks(boxes, 64, 64, torch.Generator().manual_seed(1))
+    assert torch.equal(torch.random.get_rng_state(), state)  # a seeded draw leaves the global RNG alone
+    assert torch.equal(first, again) and not torch.equal(first, other)
+    assert first.shape == (4, 1, 64, 64) and torch.all((first == 0) | (first == 1))
+    outside = torch.ones(64, 64, dtype=torch.bool)
+    outside[16:48, 8:40] = False
+    assert first[1, 0][outside].sum() == 0 and first[3].sum() <= 1
+    many = perlin_masks(boxes[:1].expand(32, 4), 64, 64, torch.Generator().manual_seed(2))
+    coverage = many.mean((1, 2, 3))
+    assert 0.005 < coverage.mean() < 0.5 and (coverage > 0).float().mean() > 0.5  # blobs, mostly non-empty
+
+
+@pytest.mark.parametrize("masks", ["perlin", "mixed"])
+def test_perlin_and_mixed_mask_families(masks: str) -> None:
+    images = _object_images([(10, 10, 100, 70)] * 8)
+    module = SyntheticCorruption(1.0, masks=masks, seed=3)
+    corrupted, mask = module(images)
+    _check_invariants(images, corrupted, mask)
+    x0, y0, x1, y1 = _padded(10, 10, 100, 70, 128, 96)
+    inside = torch.zeros(96, 128, dtype=torch.bool)
+    inside[y0:y1, x0:x1] = True
+    assert mask[..., ~inside].sum() == 0  # restricted to the foreground box
+    assert torch.equal(SyntheticCorruption(1.0, masks=masks, seed=3)(images)[1], mask)
 
 
 def test_color_transform_grayscale_and_blur_variants() -> None:

@@ -209,6 +209,52 @@ def test_a_cadence_the_user_chose_is_kept(tile_root: Path, tiny_model_args: dict
     assert [p.name for p in tmp_path.rglob("*.ckpt") if p.parent.name != "mine"] == []  # no model.ckpt of ours
 
 
+def test_stage2_trains_the_last_encoder_blocks_at_a_scaled_rate(
+    tile_root: Path, tiny_model_args: dict, tmp_path: Path,
+) -> None:
+    seed_everything(0)
+    model = Isstad(**tiny_model_args, stage1_epochs=1, stage2_epochs=1, stage2_encoder_blocks=1,
+                   stage2_encoder_lr_scale=0.25)
+    watch = EncoderWatch()
+    watch.on_after_backward = lambda *_: None  # encoder gradients are expected here
+    eng = engine(tmp_path, callbacks=[watch])
+    eng.fit(model=model, datamodule=datamodule(tile_root))
+    last, earlier = model.model.blocks[-1], model.model.blocks[:-1]
+    trained = {id(p) for p in [*last.parameters(), *model.model.norm.parameters()]}
+    rates = {id(p): group["initial_lr"] for group in eng.trainer.optimizers[0].param_groups for p in group["params"]}
+    decoder_rates = {rates[id(p)] for p in model.model.decoder_parameters() if p.requires_grad}
+    encoder_rates = {rates[i] for i in trained}
+    assert len(decoder_rates) == len(encoder_rates) == 1
+    assert encoder_rates.pop() == pytest.approx(0.25 * decoder_rates.pop())
+    assert not any(id(p) in rates for p in earlier.parameters())
+    state, last_qkv = encoder_state(model), f"blocks.{len(earlier)}.attn.qkv.weight"
+    assert not torch.equal(state[last_qkv], watch.snapshot[last_qkv])
+    assert torch.equal(state["blocks.0.attn.qkv.weight"], watch.snapshot["blocks.0.attn.qkv.weight"])
+    assert torch.equal(state["patch_embed.proj.weight"], watch.snapshot["patch_embed.proj.weight"])
+
+
+def test_map_calibration_comes_from_the_training_images_and_is_kept(
+    tile_root: Path, tiny_model_args: dict, tmp_path: Path,
+) -> None:
+    seed_everything(0)
+    model = Isstad(**tiny_model_args, stage1_epochs=1, stage2_epochs=1, map_calibration="per_pixel",
+                   image_score="max")
+    eng = engine(tmp_path)
+    eng.fit(model=model, datamodule=datamodule(tile_root))
+    generator = model.model.anomaly_map_generator
+    dm = datamodule(tile_root)
+    dm.setup()
+    images = torch.cat([model.pre_processor.transform(b.image) for b in dm.train_dataloader()])
+    with torch.no_grad():
+        raw = model.model.eval().raw_anomaly_maps(images)
+    # the fit read the same images through its in-memory cache: equal up to the resize path (about 0.3 %)
+    torch.testing.assert_close(generator.normal_mean, raw.mean(0), rtol=2e-2, atol=1e-3)
+    checkpoint = next(tmp_path.rglob("model.ckpt"))
+    restored = Isstad.load_from_checkpoint(checkpoint, map_location="cpu").model.anomaly_map_generator
+    assert torch.equal(restored.normal_mean, generator.normal_mean)
+    assert torch.equal(restored.normal_scale, generator.normal_scale)
+
+
 def test_configure_optimizers_uses_the_fused_adamw(tile_root: Path, tiny_model_args: dict, tmp_path: Path) -> None:
     model = Isstad(**tiny_model_args, stage1_epochs=1, stage2_epochs=1)
     eng = engine(tmp_path)

@@ -134,6 +134,77 @@ def test_frozen_encoder_gets_no_gradient() -> None:
     assert all(p.grad is not None for p in trained)
 
 
+@pytest.mark.parametrize("blocks", [1, 2, 12])
+def test_stage2_trains_only_the_last_encoder_blocks(blocks: int) -> None:
+    model = tiny_model().train()
+    model.freeze_encoder(True, trainable_blocks=blocks)
+    out = model(torch.rand(2, 3, 64, 64))
+    (out.reconstruction.square().mean() + out.block_logits.square().mean()).backward()
+    depth = len(model.blocks)
+    trained = {id(p) for b in model.blocks[depth - blocks:] for p in b.parameters()} | {
+        id(p) for p in model.norm.parameters()}
+    if blocks >= depth:
+        trained |= {id(p) for p in model.encoder_parameters()}
+    for param in model.encoder_parameters():
+        assert (param.grad is not None) == (id(param) in trained)
+        assert param.requires_grad == (id(param) in trained)
+    model.freeze_encoder(False)  # stage 1 again: everything trains
+    assert all(p.requires_grad for p in model.encoder_parameters()) and model.trainable_encoder_blocks == depth
+    with pytest.raises(ValueError, match="trainable encoder blocks"):
+        model.freeze_encoder(True, trainable_blocks=-1)
+
+
+@pytest.mark.parametrize("map_kind", ["product", "probability", "error"])
+@pytest.mark.parametrize("image_score", ["paper", "max", "top_k"])
+def test_scoring_variants_equal_their_formulas(map_kind: str, image_score: str) -> None:
+    rng = np.random.default_rng(1)
+    reconstruction = rng.normal(size=(2, 3, 40, 40)).astype(np.float32)
+    image = rng.normal(size=(2, 3, 40, 40)).astype(np.float32)
+    logits = rng.normal(scale=3, size=(3, 2, 2, 40, 40)).astype(np.float32)
+    generator = AnomalyMapGenerator(4.0, map_kind, image_score, top_fraction=0.05)
+    anomaly_map, score = generator(*(torch.from_numpy(a) for a in (reconstruction, image, logits)))
+    paper_map, paper_score = reference_scores(reconstruction, image, logits)
+    softmax = np.exp(logits - logits.max(axis=2, keepdims=True))
+    probability = (softmax / softmax.sum(axis=2, keepdims=True))[:, :, 1].mean(axis=0)
+    error = ((reconstruction - image) ** 2).mean(axis=1)
+    expected_map = {"product": paper_map[:, 0], "probability": np.stack([gaussian_filter(p, 4.0) for p in probability]),
+                    "error": np.stack([gaussian_filter(r, 4.0) for r in error])}[map_kind]
+    np.testing.assert_allclose(anomaly_map[:, 0].numpy(), expected_map, rtol=1e-4, atol=1e-6)
+    flat = np.sort(expected_map.reshape(2, -1), axis=1)[:, ::-1]
+    expected_score = {"paper": paper_score, "max": flat[:, 0], "top_k": flat[:, :80].mean(axis=1)}[image_score]
+    np.testing.assert_allclose(score.numpy(), expected_score, rtol=1e-4, atol=1e-6)
+
+
+def test_per_pixel_calibration_standardises_against_normal_maps() -> None:
+    model = IsstadModel("vit_tiny", image_size=(64, 64), decoder_embed_dim=64, decoder_depth=2, decoder_num_heads=4,
+                        image_score="max", map_calibration="per_pixel").eval()
+    generator = model.anomaly_map_generator
+    images = torch.rand(6, 3, 64, 64, generator=torch.Generator().manual_seed(0))
+    raw = model.raw_anomaly_maps(images)
+    with torch.no_grad():
+        assert torch.equal(model(images).anomaly_map[:, 0], raw)  # identity until calibrated
+        generator.calibrate(raw)
+        calibrated = model(images)
+    std = raw.std(0)
+    expected = (raw - raw.mean(0)) / (std + 0.1 * std.mean() + 1e-8)
+    torch.testing.assert_close(calibrated.anomaly_map[:, 0], expected)
+    torch.testing.assert_close(calibrated.pred_score, expected.flatten(1).amax(1))
+    assert {"anomaly_map_generator.normal_mean", "anomaly_map_generator.normal_scale"} <= set(model.state_dict())
+    assert not any("normal_" in key for key in tiny_model().state_dict())  # uncalibrated models keep their keys
+    with pytest.raises(ValueError, match="calibration needs"):
+        generator.calibrate(raw[:, :32])
+    with pytest.raises(ValueError, match="map_calibration"):
+        AnomalyMapGenerator(calibration="global")
+
+
+@pytest.mark.parametrize(("kwargs", "name"), [({"map_kind": "sum"}, "anomaly_map_kind"),
+                                              ({"image_score": "median"}, "image_score"),
+                                              ({"top_fraction": 0.0}, "image_score_top_fraction")])
+def test_scoring_options_are_checked(kwargs: dict, name: str) -> None:
+    with pytest.raises(ValueError, match=name):
+        AnomalyMapGenerator(**kwargs)
+
+
 def test_masked_patch_mse_counts_hidden_patches_only() -> None:
     prediction = torch.zeros(1, 4, 3)
     target = torch.tensor([[[1.0] * 3, [2.0] * 3, [3.0] * 3, [4.0] * 3]])
