@@ -36,7 +36,8 @@ CONFIG = REPO / "configs" / "benchmark" / "isstad_recipe.yaml"
 METRICS = ("image_AUROC", "pixel_AUROC", "pixel_AUPRO")
 COLUMNS = ["variant", "seed", "split_seed", *[f"val_{m}" for m in METRICS], *[f"test_{m}" for m in METRICS], "train_min",
            "stage1_min"]
-SCORING_OPTIONS = {"anomaly_map_kind", "image_score", "image_score_top_fraction", "score_sigma", "map_calibration"}
+SCORING_OPTIONS = {"anomaly_map_kind", "image_score", "image_score_top_fraction", "score_sigma", "map_calibration",
+                   "image_score_map"}
 
 
 def run_dir(work: Path, variant: str, seed: int) -> Path:
@@ -121,6 +122,8 @@ def run_rows(config: dict, variant: str, seed: int, with_test: bool, work: Path,
     common = {"seed": seed, "split_seed": config["split_seed"], "train_min": f"{minutes:.1f}",
               "stage1_min": f"{stage1:.2f}"}
     out = [{"variant": variant, **common, **scored_rows(engine, model, datamodule, with_test)}]
+    if with_test and variant == config.get("figure_variant") and seed == min(config["seeds"]):
+        write_figure(model, datamodule, DOCS / "isstad-recipe.png")
     for scoring, scoring_overrides in (config.get("scorings") or {}).items():
         if scorings is not None and scoring not in scorings:
             continue
@@ -132,10 +135,51 @@ def run_rows(config: dict, variant: str, seed: int, with_test: bool, work: Path,
         model.model.anomaly_map_generator = AnomalyMapGenerator(
             scoring_options.get("score_sigma", 4.0), scoring_options.get("anomaly_map_kind", "product"),
             scoring_options.get("image_score", "paper"), scoring_options.get("image_score_top_fraction", 0.01),
-            scoring_options.get("map_calibration", "none"), (model.hparams.image_size,) * 2)
+            scoring_options.get("map_calibration", "none"), (model.hparams.image_size,) * 2,
+            scoring_options.get("image_score_map"))
         name = f"{variant}+{scoring}"
         out.append({"variant": name, **common, **scored_rows(engine, model, datamodule, with_test)})
     return out
+
+
+def write_figure(model, datamodule, path: Path, per_kind: int = 2) -> None:  # noqa: ANN001
+    """A grid of test-half images: per defect kind (and good) the first ``per_kind`` images, their ground truth and
+    the model's anomaly map, all maps on one colour scale (so a hot spot on a good image reads as what it is)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import torch
+
+    picked: dict[str, list] = {}
+    for batch in datamodule.test_dataloader():
+        for index, image_path in enumerate(batch.image_path):
+            kind = Path(image_path).parent.name
+            if len(picked.setdefault(kind, [])) < per_kind:
+                picked[kind].append((batch.image[index], batch.gt_mask[index]))
+    rows = [(kind, image, mask) for kind in sorted(picked, key=lambda k: (k != "good", k)) for image, mask in picked[kind]]
+    model.eval()
+    with torch.no_grad():
+        images = torch.cat([model.pre_processor.transform(image.unsqueeze(0)) for _, image, _ in rows])
+        maps = model.model(images).anomaly_map[:, 0]
+    masks = torch.nn.functional.interpolate(torch.stack([m.float() for *_, m in rows]).unsqueeze(1),
+                                            size=maps.shape[-2:], mode="nearest")[:, 0]
+    low, high = maps.min().item(), maps.max().item()
+    figure, axes = plt.subplots(3, len(rows), figsize=(1.6 * len(rows), 5.2))
+    for column, (kind, _, _) in enumerate(rows):
+        axes[0, column].imshow(images[column].permute(1, 2, 0).clamp(0, 1).numpy())
+        axes[0, column].set_title(kind, fontsize=8)
+        axes[1, column].imshow(masks[column].numpy(), cmap="gray", vmin=0, vmax=1)
+        axes[2, column].imshow(maps[column].numpy(), cmap="jet", vmin=low, vmax=high)
+        for row in range(3):
+            axes[row, column].set_xticks([])
+            axes[row, column].set_yticks([])
+    for row, label in enumerate(["test image", "ground truth", "anomaly map"]):
+        axes[row, 0].set_ylabel(label, fontsize=8)
+    figure.tight_layout()
+    figure.savefig(path, dpi=110)
+    plt.close(figure)
+    print(f"wrote {path}")
 
 
 class StageTimer(Callback):
@@ -224,6 +268,9 @@ def main(argv: list[str] | None = None) -> int:
     header = ["variant", "seeds", *[f"val {m}" for m in METRICS], *[f"test {m}" for m in METRICS], "train min"]
     described = [[name, f"`{yaml.safe_dump(overrides or {}, default_flow_style=True, width=10_000).strip()}`"]
                  for name, overrides in config["variants"].items()]
+    marker = "<!-- Everything below this line is written by hand and kept when the page is regenerated. -->"
+    kept = args.output.read_text().split(marker, 1)[1] if args.output.is_file() and marker in args.output.read_text() else "\n"
+    figure = DOCS / "isstad-recipe.png"
     write_page(args.output, [
         "# ISSTAD recipe search on magnetic_tile (CPU budget, from scratch)",
         "",
@@ -237,6 +284,8 @@ def main(argv: list[str] | None = None) -> int:
         f"seed {split}, the same for every variant and seed), chosen on it only; the test half is scored only for the "
         "chosen recipe. Mean ± std over training seeds.",
         "",
+        *([f"![test images, ground truth and anomaly maps of `{config.get('figure_variant')}` (seed "
+           f"{min(config['seeds'])})]({figure.name})", ""] if figure.is_file() else []),
         markdown_table(header, summary(current, named)) if current else "No run with this split yet.",
         "",
         "## Variants",
@@ -247,6 +296,8 @@ def main(argv: list[str] | None = None) -> int:
            markdown_table(["scoring", "overrides of the scoring"],
                           [[name, f"`{yaml.safe_dump(o, default_flow_style=True, width=10_000).strip()}`"]
                            for name, o in config["scorings"].items()]), ""] if config.get("scorings") else []),
+        marker + kept.rstrip("\n"),
+        "",
     ])
     return 0
 

@@ -75,27 +75,38 @@ class AnomalyMapGenerator(nn.Module):
     ``p = mean_blocks softmax(logits)[anomalous]``, ``r = mean_channels (reconstruction - input)^2``.
     The method's (default) map is ``G(p * minmax(r))`` (min-max per image) and its image score
     ``mean G(G(p) * G(r))``. Variants (measured in ``docs/benchmarks/isstad-recipe.md``): the map from ``G(p)``
-    alone or ``G(r)`` alone; the image score as the map's maximum or the mean of its top ``top_fraction`` pixels;
-    and ``per_pixel`` calibration: the map standardised per pixel by the mean and std of the maps of normal
-    training images (:meth:`calibrate`), so places where normal images always score high (borders, edges of an
-    aligned object) stop outranking defects. The calibration is kept as buffers (checkpoint, export).
+    alone or ``G(r)`` alone; the image score as the maximum, or the mean of the top ``top_fraction`` pixels, of a
+    *score map* (the anomaly map, or another kind); and ``per_pixel`` calibration of the score map: standardised
+    per pixel by the mean and std of the score maps of normal training images (:meth:`calibrate`), so places where
+    normal images always score high (borders, edges of an aligned object) stop outranking defects. When the score
+    map is the anomaly map, the anomaly map returned is the calibrated one. The calibration is kept as buffers
+    (checkpoint, export).
 
     Args:
         sigma: Gaussian sigma in pixels (4 in the method).
         map_kind: ``product`` (the method), ``probability`` (``G(p)``) or ``error`` (``G(r)``).
-        image_score: ``paper`` (the method), ``max`` (of the map) or ``top_k`` (mean of the map's top pixels).
-        top_fraction: Fraction of the map's pixels averaged by ``top_k`` (at least one pixel).
+        image_score: ``paper`` (the method), ``max`` or ``top_k`` (mean of the top pixels) of the score map.
+        top_fraction: Fraction of the score map's pixels averaged by ``top_k`` (at least one pixel).
         calibration: ``none`` (the method) or ``per_pixel`` (see above; needs ``image_size``).
         image_size: ``(H, W)`` of the maps, for the calibration buffers.
+        score_map_kind: Kind of the score map; ``None``: the anomaly map's kind.
         eps: Guards the min-max division for a constant error map.
     """
 
     def __init__(self, sigma: float = 4.0, map_kind: MapKind = "product", image_score: ImageScore = "paper",
                  top_fraction: float = 0.01, calibration: MapCalibration = "none",
-                 image_size: tuple[int, int] | None = None, eps: float = 1e-8) -> None:
+                 image_size: tuple[int, int] | None = None, score_map_kind: MapKind | None = None,
+                 eps: float = 1e-8) -> None:
         super().__init__()
-        if calibration not in MAP_CALIBRATIONS:
-            msg = f"map_calibration must be one of {MAP_CALIBRATIONS}, got {calibration!r}."
+        for name, value, allowed in (("anomaly_map_kind", map_kind, MAP_KINDS),
+                                     ("image_score_map", score_map_kind or map_kind, MAP_KINDS),
+                                     ("image_score", image_score, IMAGE_SCORES),
+                                     ("map_calibration", calibration, MAP_CALIBRATIONS)):
+            if value not in allowed:
+                msg = f"{name} must be one of {allowed}, got {value!r}."
+                raise ValueError(msg)
+        if not 0 < top_fraction <= 1:
+            msg = f"image_score_top_fraction must be in (0, 1], got {top_fraction}."
             raise ValueError(msg)
         if calibration != "none":
             if image_size is None:
@@ -104,20 +115,12 @@ class AnomalyMapGenerator(nn.Module):
             # identity until calibrate() runs: (map - 0) / 1
             self.register_buffer("normal_mean", torch.zeros(image_size))
             self.register_buffer("normal_scale", torch.ones(image_size))
-        self.calibration = calibration
-        if map_kind not in MAP_KINDS:
-            msg = f"anomaly_map_kind must be one of {MAP_KINDS}, got {map_kind!r}."
-            raise ValueError(msg)
-        if image_score not in IMAGE_SCORES:
-            msg = f"image_score must be one of {IMAGE_SCORES}, got {image_score!r}."
-            raise ValueError(msg)
-        if not 0 < top_fraction <= 1:
-            msg = f"image_score_top_fraction must be in (0, 1], got {top_fraction}."
-            raise ValueError(msg)
         self.blur = GaussianSmoothing(sigma)
         self.map_kind = map_kind
+        self.score_map_kind = score_map_kind or map_kind
         self.image_score = image_score
         self.top_fraction = top_fraction
+        self.calibration = calibration
         self.eps = eps
 
     @staticmethod
@@ -141,33 +144,38 @@ class AnomalyMapGenerator(nn.Module):
         Returns:
             ``(anomaly_map [B, 1, H, W], pred_score [B])``.
         """
-        anomaly_map, probability, error = self.raw_map(reconstruction, image, block_logits)
+        probability = self.anomalous_probability(block_logits)
+        error = (reconstruction - image).pow(2).mean(dim=1)
+        score_map = self._map(self.score_map_kind, probability, error)
         if self.calibration != "none":
-            anomaly_map = (anomaly_map - self.normal_mean) / self.normal_scale
+            score_map = (score_map - self.normal_mean) / self.normal_scale
+        same = self.map_kind == self.score_map_kind
+        anomaly_map = score_map if same else self._map(self.map_kind, probability, error)
         if self.image_score == "paper":
             pred_score = self.blur(self.blur(probability) * self.blur(error)).mean(dim=(-2, -1))
         else:
-            flat = anomaly_map.flatten(1)
+            flat = score_map.flatten(1)
             k = 1 if self.image_score == "max" else max(1, round(self.top_fraction * flat.shape[1]))
             pred_score = flat.topk(k, dim=1).values.mean(dim=1)
         return anomaly_map.unsqueeze(1), pred_score
 
-    def raw_map(self, reconstruction: torch.Tensor, image: torch.Tensor,
-                block_logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """The uncalibrated map ``[B, H, W]``, with ``p`` and ``r`` (``[B, H, W]`` each)."""
-        probability = self.anomalous_probability(block_logits)
-        error = (reconstruction - image).pow(2).mean(dim=1)
-        if self.map_kind == "product":
+    def _map(self, kind: str, probability: torch.Tensor, error: torch.Tensor) -> torch.Tensor:
+        """``[B, H, W]`` map of ``kind`` from ``p`` and ``r`` (``[B, H, W]`` each)."""
+        if kind == "product":
             low = error.amin(dim=(-2, -1), keepdim=True)
             high = error.amax(dim=(-2, -1), keepdim=True)
-            anomaly_map = self.blur(probability * (error - low) / (high - low + self.eps))
-        else:
-            anomaly_map = self.blur(probability if self.map_kind == "probability" else error)
-        return anomaly_map, probability, error
+            return self.blur(probability * (error - low) / (high - low + self.eps))
+        return self.blur(probability if kind == "probability" else error)
+
+    def raw_score_map(self, reconstruction: torch.Tensor, image: torch.Tensor,
+                      block_logits: torch.Tensor) -> torch.Tensor:
+        """The uncalibrated score map ``[B, H, W]`` (what :meth:`calibrate` takes)."""
+        error = (reconstruction - image).pow(2).mean(dim=1)
+        return self._map(self.score_map_kind, self.anomalous_probability(block_logits), error)
 
     @torch.no_grad()
     def calibrate(self, normal_maps: torch.Tensor) -> None:
-        """Set the per-pixel calibration from ``[N, H, W]`` raw maps (:meth:`raw_map`) of normal images.
+        """Set the per-pixel calibration from ``[N, H, W]`` raw score maps (:meth:`raw_score_map`) of normal images.
 
         The scale is the per-pixel std plus a tenth of its mean over the image, so that pixels where the normal
         maps hardly vary are not amplified without bound.

@@ -100,13 +100,15 @@ class Isstad(AnomalibModule):
         score_sigma: Gaussian sigma (pixels) of the fused scoring.
         anomaly_map_kind: Pixel map: ``product`` (the paper: ``G(p * minmax(r))`` of the pixel-status probability
             ``p`` and the reconstruction error ``r``), ``probability`` (``G(p)``) or ``error`` (``G(r)``).
-        image_score: ``paper`` (mean of ``G(G(p) * G(r))``), ``max`` (the map's maximum) or ``top_k`` (the mean of
-            the map's top ``image_score_top_fraction`` pixels).
-        image_score_top_fraction: Fraction of the map's pixels averaged by ``image_score="top_k"``.
-        map_calibration: ``none`` (the paper) or ``per_pixel``: before each validation, the maps of the training
-            images (normal by definition) give a per-pixel mean and std, and the anomaly map becomes
-            ``(map - mean) / std`` (kept in the checkpoint and the export). Costs one pass over the training set
-            per validation.
+        image_score: ``paper`` (mean of ``G(G(p) * G(r))``), ``max`` (the score map's maximum) or ``top_k`` (the
+            mean of its top ``image_score_top_fraction`` pixels).
+        image_score_top_fraction: Fraction of the score map's pixels averaged by ``image_score="top_k"``.
+        image_score_map: Kind of map (as ``anomaly_map_kind``) that ``max``/``top_k`` score; ``None``: the anomaly
+            map itself.
+        map_calibration: ``none`` (the paper) or ``per_pixel``: before each validation, the score maps of the
+            training images (normal by definition) give a per-pixel mean and std, and the score map becomes
+            ``(map - mean) / std`` (so does the anomaly map when it is the score map); kept in the checkpoint and
+            the export. Costs one pass over the training set per validation.
         weights: Pretrained or reference weights loaded when the first fit/validate/test/predict starts (never
             in ``__init__``, so construction, ``load_from_checkpoint`` and export stay offline): a local file
             (official MAE release ``{'model': ...}``, the authors' stage-1 checkpoint or stage-2 ``net_ad.pth``,
@@ -169,6 +171,7 @@ class Isstad(AnomalibModule):
         anomaly_map_kind: MapKind = "product",
         image_score: ImageScore = "paper",
         image_score_top_fraction: float = 0.01,
+        image_score_map: MapKind | None = None,
         map_calibration: MapCalibration = "none",
         weights: str | None = None,
         normalization: Normalization = "imagenet",
@@ -212,6 +215,7 @@ class Isstad(AnomalibModule):
             image_score=image_score,
             image_score_top_fraction=image_score_top_fraction,
             map_calibration=map_calibration,
+            image_score_map=image_score_map,
             **NORMALIZATIONS[normalization],
         )
         self.loss = Stage2Loss(ce_class_weights, mse_weight, ssim_weight)
@@ -479,7 +483,7 @@ class Isstad(AnomalibModule):
         maps = []
         for batch in datamodule.train_dataloader():
             images = self.pre_processor.transform(batch.image.to(self.device))
-            maps.append(self.model.raw_anomaly_maps(images))
+            maps.append(self.model.raw_score_maps(images))
         self.model.anomaly_map_generator.calibrate(torch.cat(maps))
 
     def validation_step(self, batch: Batch, *args, **kwargs) -> STEP_OUTPUT:

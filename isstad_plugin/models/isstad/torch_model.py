@@ -111,6 +111,7 @@ class IsstadModel(nn.Module):
         image_score: Image score of the scoring (see :class:`.anomaly_map.AnomalyMapGenerator`).
         image_score_top_fraction: Fraction of the map's pixels averaged by ``image_score="top_k"``.
         map_calibration: ``none`` or ``per_pixel`` (see :class:`.anomaly_map.AnomalyMapGenerator`).
+        image_score_map: Kind of map the image score is taken from; ``None``: the anomaly map.
     """
 
     def __init__(
@@ -129,6 +130,7 @@ class IsstadModel(nn.Module):
         image_score: ImageScore = "paper",
         image_score_top_fraction: float = 0.01,
         map_calibration: MapCalibration = "none",
+        image_score_map: MapKind | None = None,
     ) -> None:
         super().__init__()
         if backbone not in VIT_VARIANTS:
@@ -178,7 +180,8 @@ class IsstadModel(nn.Module):
             msg = f"image_size {tuple(image_size)} is too small for score_sigma {score_sigma} (kernel radius)."
             raise ValueError(msg)
         self.anomaly_map_generator = AnomalyMapGenerator(score_sigma, anomaly_map_kind, image_score,
-                                                         image_score_top_fraction, map_calibration, (height, width))
+                                                         image_score_top_fraction, map_calibration, (height, width),
+                                                         image_score_map)
         self.encoder_frozen = False
         self.trainable_encoder_blocks = variant.depth  # blocks (from the last) that run with autograd
         self.initialize_weights()
@@ -379,10 +382,10 @@ class IsstadModel(nn.Module):
         return InferenceBatch(pred_score=pred_score, anomaly_map=anomaly_map)
 
     @torch.no_grad()
-    def raw_anomaly_maps(self, images: torch.Tensor) -> torch.Tensor:
-        """``[B, 3, H, W]`` images in [0, 1] -> ``[B, H, W]`` uncalibrated anomaly maps (for the calibration)."""
+    def raw_score_maps(self, images: torch.Tensor) -> torch.Tensor:
+        """``[B, 3, H, W]`` images in [0, 1] -> ``[B, H, W]`` uncalibrated score maps (for the calibration)."""
         output = self.pixel_outputs(images)
-        return self.anomaly_map_generator.raw_map(output.reconstruction, output.image, output.block_logits)[0]
+        return self.anomaly_map_generator.raw_score_map(output.reconstruction, output.image, output.block_logits)
 
 
 def _nearest_multiple(value: int, base: int) -> int:

@@ -246,7 +246,7 @@ def test_map_calibration_comes_from_the_training_images_and_is_kept(
     dm.setup()
     images = torch.cat([model.pre_processor.transform(b.image) for b in dm.train_dataloader()])
     with torch.no_grad():
-        raw = model.model.eval().raw_anomaly_maps(images)
+        raw = model.model.eval().raw_score_maps(images)
     # the fit read the same images through its in-memory cache: equal up to the resize path (about 0.3 %)
     torch.testing.assert_close(generator.normal_mean, raw.mean(0), rtol=2e-2, atol=1e-3)
     checkpoint = next(tmp_path.rglob("model.ckpt"))

@@ -180,7 +180,7 @@ def test_per_pixel_calibration_standardises_against_normal_maps() -> None:
                         image_score="max", map_calibration="per_pixel").eval()
     generator = model.anomaly_map_generator
     images = torch.rand(6, 3, 64, 64, generator=torch.Generator().manual_seed(0))
-    raw = model.raw_anomaly_maps(images)
+    raw = model.raw_score_maps(images)
     with torch.no_grad():
         assert torch.equal(model(images).anomaly_map[:, 0], raw)  # identity until calibrated
         generator.calibrate(raw)
@@ -193,11 +193,22 @@ def test_per_pixel_calibration_standardises_against_normal_maps() -> None:
     assert not any("normal_" in key for key in tiny_model().state_dict())  # uncalibrated models keep their keys
     with pytest.raises(ValueError, match="calibration needs"):
         generator.calibrate(raw[:, :32])
+    # the image score from another (calibrated) map; the anomaly map stays uncalibrated
+    hybrid = AnomalyMapGenerator(4.0, "error", "max", calibration="per_pixel", image_size=(64, 64),
+                                 score_map_kind="product")
+    parts = model.pixel_outputs(images)
+    hybrid.calibrate(generator.raw_score_map(parts.reconstruction, parts.image, parts.block_logits).detach())
+    with torch.no_grad():
+        anomaly_map, score = hybrid(parts.reconstruction, parts.image, parts.block_logits)
+    error_map = AnomalyMapGenerator(4.0, "error")(parts.reconstruction, parts.image, parts.block_logits)[0]
+    torch.testing.assert_close(anomaly_map, error_map)
+    torch.testing.assert_close(score, expected.flatten(1).amax(1))
     with pytest.raises(ValueError, match="map_calibration"):
         AnomalyMapGenerator(calibration="global")
 
 
 @pytest.mark.parametrize(("kwargs", "name"), [({"map_kind": "sum"}, "anomaly_map_kind"),
+                                              ({"score_map_kind": "sum"}, "image_score_map"),
                                               ({"image_score": "median"}, "image_score"),
                                               ({"top_fraction": 0.0}, "image_score_top_fraction")])
 def test_scoring_options_are_checked(kwargs: dict, name: str) -> None:
