@@ -115,3 +115,29 @@ def test_predict_precision_is_explicit(exported: dict, tmp_path: Path) -> None:
 def test_predict_names_a_missing_input(exported: dict, tmp_path: Path) -> None:
     with pytest.raises(FileNotFoundError, match="nowhere"):
         predict_paths(exported["ir"], [tmp_path / "nowhere"], tmp_path / "out")
+
+
+def test_calibrated_hybrid_scoring_exports_to_onnx(tile_root: Path, tmp_path: Path) -> None:
+    """The CPU recipe's scoring (calibrated product score map, error anomaly map) survives export, buffers included."""
+    import onnxruntime as ort
+
+    torch.manual_seed(0)
+    model = Isstad(backbone="vit_tiny", image_size=64, decoder_embed_dim=64, decoder_depth=2, decoder_num_heads=4,
+                   stage1_epochs=0, stage2_epochs=1, anomaly_map_kind="error", image_score="max",
+                   image_score_map="product", map_calibration="per_pixel")
+    datamodule = MVTecAD(root=tile_root, category="magnetic_tile", train_batch_size=8, eval_batch_size=8,
+                         num_workers=0)
+    engine = Engine(default_root_dir=tmp_path, accelerator="cpu", devices=1, logger=False, enable_progress_bar=False)
+    engine.fit(model=model, datamodule=datamodule)
+    assert model.model.anomaly_map_generator.normal_mean.abs().sum() > 0  # calibrated by the fit's validation
+    onnx_path = engine.export(model=model, export_type=ExportType.ONNX, export_root=tmp_path)
+    files = sorted((tile_root / "magnetic_tile" / "test").rglob("*.png"))
+    images = np.concatenate([prepare(read_rgb(f), (64, 64)) for f in files])
+    with torch.no_grad():
+        reference = model.eval()(torch.from_numpy(images))
+    reference = {k: getattr(reference, k).numpy() for k in (*OUTPUTS, "pred_label", "pred_mask")}
+    session = ort.InferenceSession(str(onnx_path), providers=["CPUExecutionProvider"])
+    names = [o.name for o in session.get_outputs()]
+    outputs = dict(zip(names, session.run(None, {"input": images}), strict=True))
+    assert_matches(outputs, reference, rtol=1e-4)
+    assert_decisions_agree(outputs, reference, margin=1e-4)
