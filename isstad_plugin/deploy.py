@@ -4,6 +4,14 @@ The exported graph already holds pre-processing, the network, ISSTAD's scoring a
 post-processing; this command only reads images, resizes them to the graph's fixed input size, runs
 ``anomalib.deploy.OpenVINOInferencer`` (or ONNX Runtime) and draws the anomaly map over each image.
 
+Outputs mirror the inputs: a folder input ``test/`` gives ``<output>/test/<its relative path>.png`` overlays, a
+file input ``<output>/<stem>.png`` (with as many parent folders as it takes to tell file inputs of the same name
+apart); two inputs that would still write the same name are refused before any work. Every
+file is first written to ``<output>.partial`` and the folder is moved into place only when the run completes, so a
+failed run leaves no output looking complete (and an earlier output untouched). An existing, non-empty output
+folder is refused unless ``--overwrite``, which replaces it wholly. Files in input folders that are not images are
+listed, never skipped in silence.
+
 Example:
     isstad-predict results/weights/openvino/model.xml ../shared/data/magnetic_tile/test/crack --output overlays
 """
@@ -12,8 +20,10 @@ from __future__ import annotations
 
 import argparse
 import csv
+import shutil
 import sys
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import cv2
@@ -36,20 +46,46 @@ def openvino_config(precision: str = "f32") -> dict[str, str]:
     return {"INFERENCE_PRECISION_HINT": precision}
 
 
-def iter_images(inputs: Sequence[Path]) -> Iterator[Path]:
-    """Image files named in ``inputs``; folders are searched recursively. Fails on a missing path."""
+@dataclass
+class PredictionPlan:
+    """What a prediction run reads and writes: ``(image, overlay name relative to the output)`` pairs, and the
+    files of input folders that are not images (listed to the user, never predicted)."""
+
+    images: list[tuple[Path, Path]] = field(default_factory=list)
+    skipped: list[Path] = field(default_factory=list)
+
+
+def plan_predictions(inputs: Sequence[Path]) -> PredictionPlan:
+    """Images of ``inputs`` and collision-free overlay names mirroring them (see the module docstring).
+
+    Raises:
+        FileNotFoundError: an input does not exist, or a folder holds no image.
+        ValueError: two inputs would write the same overlay (e.g. two folders of the same name).
+    """
+    plan, owners = PredictionPlan(), {}
+    file_names = _shortest_unique_names([path for path in inputs if path.is_file()])
     for path in inputs:
         if path.is_dir():
-            files = sorted(p for p in path.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES)
-            if not files:
+            files = sorted(p for p in path.rglob("*") if p.is_file())
+            images = [p for p in files if p.suffix.lower() in IMAGE_SUFFIXES]
+            plan.skipped.extend(p for p in files if p.suffix.lower() not in IMAGE_SUFFIXES)
+            if not images:
                 msg = f"No images ({', '.join(sorted(IMAGE_SUFFIXES))}) found under {path}."
                 raise FileNotFoundError(msg)
-            yield from files
+            named = [(p, Path(path.resolve().name) / p.relative_to(path).with_suffix(".png")) for p in images]
         elif path.is_file():
-            yield path
+            named = [(path, file_names[path])]
         else:
             msg = f"Input {path} does not exist."
             raise FileNotFoundError(msg)
+        for image, name in named:
+            if name in owners and owners[name] != image:
+                msg = (f"{owners[name]} and {image} would both write {name}: give inputs with distinct names "
+                       "(e.g. the common parent folder instead of two folders of the same name).")
+                raise ValueError(msg)
+            owners[name] = image
+            plan.images.append((image, name))
+    return plan
 
 
 def read_rgb(path: Path) -> np.ndarray:
@@ -125,6 +161,20 @@ def overlay(image: np.ndarray, anomaly_map: np.ndarray, pred_mask: np.ndarray, s
     return np.hstack([bgr, blended])
 
 
+def _shortest_unique_names(files: list[Path]) -> dict[Path, Path]:
+    """Overlay names of file inputs: the file name, or as many parent folders as it takes to tell the files
+    apart (``blowhole/000.png`` and ``crack/000.png``)."""
+    names = {}
+    for file in files:
+        parts = file.resolve().with_suffix(".png").parts
+        depth = 1
+        while depth < len(parts) and any(other.resolve().with_suffix(".png").parts[-depth:] == parts[-depth:]
+                                         for other in files if other.resolve() != file.resolve()):
+            depth += 1
+        names[file] = Path(*parts[-depth:])
+    return names
+
+
 def predict_paths(
     model_path: Path,
     inputs: Sequence[Path],
@@ -132,28 +182,47 @@ def predict_paths(
     runtime: str = "openvino",
     device: str = "CPU",
     precision: str = "f32",
+    overwrite: bool = False,
+    plan: PredictionPlan | None = None,
 ) -> list[dict[str, object]]:
-    """Predict every image, write ``<output>/<name>.png`` overlays and ``<output>/predictions.csv``.
+    """Predict every image; write overlays mirroring the inputs and ``predictions.csv`` into ``output``.
 
-    ``precision`` is OpenVINO's inference precision (see :data:`PRECISIONS`); ONNX Runtime runs in FP32.
+    ``precision`` is OpenVINO's inference precision (see :data:`PRECISIONS`); ONNX Runtime runs in FP32. Files
+    go to ``<output>.partial`` first; ``output`` appears (or is replaced, with ``overwrite``) only when all are
+    written. A non-empty ``output`` without ``overwrite`` is refused before any work.
     """
+    if output.exists() and (not output.is_dir() or any(output.iterdir())) and not overwrite:
+        msg = (f"Output folder {output} exists and is not empty: choose another --output, or pass --overwrite to "
+               "replace it wholly (its current files are deleted when the new run completes).")
+        raise FileExistsError(msg)
+    plan = plan or plan_predictions(inputs)
     model = ExportedModel(model_path, runtime, device, precision)
-    files = list(iter_images(inputs))
-    output.mkdir(parents=True, exist_ok=True)
+    staging = output.with_name(output.name + ".partial")
+    shutil.rmtree(staging, ignore_errors=True)  # a crashed earlier run's leftovers
     rows = []
-    for path in files:
-        image = read_rgb(path)
-        result = model(prepare(image, model.input_size))
-        score, label = float(result["pred_score"].reshape(-1)[0]), bool(result["pred_label"].reshape(-1)[0])
-        target = output / f"{path.parent.name}_{path.stem}.png"
-        cv2.imwrite(str(target), overlay(image, result["anomaly_map"][0], result["pred_mask"][0], score, label))
-        rows.append({"image": str(path), "pred_score": score, "pred_label": int(label), "overlay": str(target)})
-    partial = output / "predictions.csv.partial"
-    with partial.open("w", newline="") as handle:
-        writer = csv.DictWriter(handle, fieldnames=list(rows[0]))
-        writer.writeheader()
-        writer.writerows(rows)
-    partial.replace(output / "predictions.csv")  # only a finished run leaves a predictions.csv
+    try:
+        for path, name in plan.images:
+            image = read_rgb(path)
+            result = model(prepare(image, model.input_size))
+            score, label = float(result["pred_score"].reshape(-1)[0]), bool(result["pred_label"].reshape(-1)[0])
+            target = staging / name
+            target.parent.mkdir(parents=True, exist_ok=True)
+            if not cv2.imwrite(str(target), overlay(image, result["anomaly_map"][0], result["pred_mask"][0], score,
+                                                    label)):
+                msg = f"Could not write {target} (disk full or folder not writable?)."
+                raise OSError(msg)
+            rows.append({"image": str(path), "pred_score": score, "pred_label": int(label),
+                         "overlay": str(output / name)})
+        with (staging / "predictions.csv").open("w", newline="") as handle:
+            writer = csv.DictWriter(handle, fieldnames=list(rows[0]))
+            writer.writeheader()
+            writer.writerows(rows)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    if output.exists():  # --overwrite: the old folder goes only now that the new one is complete
+        shutil.rmtree(output) if output.is_dir() else output.unlink()
+    staging.rename(output)
     return rows
 
 
@@ -165,17 +234,24 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--output", type=Path, default=Path("predictions"), help="folder for overlays and CSV")
     parser.add_argument("--runtime", choices=["openvino", "onnxruntime"], default="openvino")
     parser.add_argument("--device", default="CPU", help="OpenVINO device (CPU, GPU, AUTO)")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="replace an existing, non-empty output folder (only once the new run completes)")
     parser.add_argument("--precision", choices=PRECISIONS, default="f32",
                         help="OpenVINO inference precision (default f32: the same scores as torch on every CPU; "
                              "bf16 is faster on CPUs with BF16 instructions, see docs/deployment.md)")
     args = parser.parse_args(argv)
     try:
-        rows = predict_paths(args.model, args.inputs, args.output, args.runtime, args.device, args.precision)
-    except (FileNotFoundError, ValueError) as error:
+        plan = plan_predictions(args.inputs)
+        for path in plan.skipped:
+            print(f"skipped (not an image): {path}", file=sys.stderr)
+        rows = predict_paths(args.model, args.inputs, args.output, args.runtime, args.device, args.precision,
+                             args.overwrite, plan)
+    except (FileNotFoundError, FileExistsError, ValueError, OSError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
     flagged = sum(row["pred_label"] for row in rows)
-    print(f"{len(rows)} images, {flagged} anomalous; overlays and predictions.csv in {args.output}")
+    skipped = f"; {len(plan.skipped)} non-image files skipped (listed above)" if plan.skipped else ""
+    print(f"{len(rows)} images, {flagged} anomalous{skipped}; overlays and predictions.csv in {args.output}")
     return 0
 
 

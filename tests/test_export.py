@@ -12,7 +12,8 @@ from anomalib.deploy import ExportType, OpenVINOInferencer
 from anomalib.engine import Engine
 
 from isstad_plugin import Isstad
-from isstad_plugin.deploy import openvino_config, predict_paths, prepare, read_rgb
+from isstad_plugin.deploy import main as predict_main
+from isstad_plugin.deploy import openvino_config, plan_predictions, predict_paths, prepare, read_rgb
 from tests.parity import assert_decisions_agree
 
 # FP16 weights (OpenVINO's compress_to_fp16, which is what anomalib's CompressionType.FP16 does) change the
@@ -95,7 +96,11 @@ def test_openvino_inferencer_predicts_files_and_writes_overlays(exported: dict, 
     for index, path in enumerate(exported["files"]):
         assert scores[path] == pytest.approx(float(exported["reference"]["pred_score"][index]), rel=1e-4)
     assert (tmp_path / "overlays" / "predictions.csv").is_file()
-    assert len(list((tmp_path / "overlays").glob("*.png"))) == len(rows)
+    for row in rows:  # overlays mirror the input tree: overlays/test/<kind>/<name>.png
+        image = Path(row["image"])
+        assert Path(row["overlay"]) == tmp_path / "overlays" / "test" / image.parent.name / image.name
+        assert Path(row["overlay"]).is_file()
+    assert len(list((tmp_path / "overlays").rglob("*.png"))) == len(rows)
 
 
 def test_predict_precision_is_explicit(exported: dict, tmp_path: Path) -> None:
@@ -115,6 +120,66 @@ def test_predict_precision_is_explicit(exported: dict, tmp_path: Path) -> None:
 def test_predict_names_a_missing_input(exported: dict, tmp_path: Path) -> None:
     with pytest.raises(FileNotFoundError, match="nowhere"):
         predict_paths(exported["ir"], [tmp_path / "nowhere"], tmp_path / "out")
+
+
+def _tree(root: Path, files: list[Path], name: str = "good") -> Path:
+    """``root/<name>/`` holding copies of ``files``; returns ``root``."""
+    (root / name).mkdir(parents=True)
+    for file in files:
+        (root / name / file.name).write_bytes(file.read_bytes())
+    return root
+
+
+def test_predict_outputs_never_collide_and_are_never_partial(exported: dict, tmp_path: Path) -> None:
+    files = exported["files"][:2]
+    first, second = _tree(tmp_path / "a", files), _tree(tmp_path / "b", files)  # a/good/x.png and b/good/x.png
+    (first / "good" / "notes.txt").write_text("not an image")
+    out = tmp_path / "out"
+    assert predict_main([str(exported["ir"]), str(first), str(second), "--output", str(out)]) == 0
+    written = sorted(p.relative_to(out).as_posix() for p in out.rglob("*.png"))
+    assert written == sorted(f"{tree}/good/{f.name}" for tree in ("a", "b") for f in files)
+    assert not out.with_name("out.partial").exists()
+
+    # a re-run into the non-empty folder is refused before any work, and the folder is kept as it was
+    before = sorted(out.rglob("*"))
+    assert predict_main([str(exported["ir"]), str(first), "--output", str(out)]) == 2
+    assert sorted(out.rglob("*")) == before
+
+    # a run that fails half-way (an unreadable image) leaves no output and the earlier one untouched
+    broken = _tree(tmp_path / "broken", files)
+    (broken / "good" / "zzz_truncated.png").write_bytes(b"\x89PNG not really")
+    with pytest.raises(ValueError, match="zzz_truncated"):
+        predict_paths(exported["ir"], [broken], out, overwrite=True)
+    assert sorted(out.rglob("*")) == before and not out.with_name("out.partial").exists()
+
+    # --overwrite replaces the folder wholly: nothing of the earlier run stays
+    assert predict_main([str(exported["ir"]), str(second), "--output", str(out), "--overwrite"]) == 0
+    assert sorted(p.relative_to(out).as_posix() for p in out.rglob("*.png")) == [f"b/good/{f.name}" for f in files]
+
+
+def test_predict_lists_skipped_files_and_refuses_name_clashes(
+    exported: dict, tmp_path: Path, capsys: pytest.CaptureFixture[str],
+) -> None:
+    tree = _tree(tmp_path / "one" / "test", exported["files"][:1])
+    (tree / "good" / "readme.md").write_text("x")
+    assert predict_main([str(exported["ir"]), str(tree), "--output", str(tmp_path / "out")]) == 0
+    captured = capsys.readouterr()
+    assert f"skipped (not an image): {tree / 'good' / 'readme.md'}" in captured.err
+    assert "1 non-image files skipped" in captured.out
+    clash = _tree(tmp_path / "two" / "test", exported["files"][:1])  # another folder named test
+    assert predict_main([str(exported["ir"]), str(tree), str(clash), "--output", str(tmp_path / "out2")]) == 2
+    error = capsys.readouterr().err.strip().splitlines()[-1]
+    assert "would both write test/good/" in error and str(clash) in error
+    assert not (tmp_path / "out2").exists()
+
+
+def test_file_inputs_of_the_same_name_keep_their_folders(tmp_path: Path) -> None:
+    files = [tmp_path / "blowhole" / "000.png", tmp_path / "crack" / "000.png", tmp_path / "crack" / "001.jpg"]
+    for file in files:
+        file.parent.mkdir(exist_ok=True)
+        file.write_bytes(b"")
+    names = dict(plan_predictions(files).images)
+    assert names == {files[0]: Path("blowhole/000.png"), files[1]: Path("crack/000.png"), files[2]: Path("001.png")}
 
 
 def test_calibrated_hybrid_scoring_exports_to_onnx(tile_root: Path, tmp_path: Path) -> None:
