@@ -38,6 +38,7 @@ from torch.utils.data import DataLoader
 from torchvision.transforms.v2 import Compose, Normalize, Resize
 
 from isstad_plugin.models.evaluation import image_and_pixel_evaluator
+from isstad_plugin.models.resume import keep_trained_network, remember_fit
 from isstad_plugin.transforms import transform_leaves
 
 from .augmentation import PAPER_SIZE, CutPaste, random_crops
@@ -174,9 +175,16 @@ class Cutpaste(AnomalibModule):
         self._backbone_initialised = True
         if self.hparams.augmentation_seed is not None:
             self.augmentation.reseed(self.hparams.augmentation_seed + self.global_rank)
+        remember_fit(self, finished=False)
+
+    def on_fit_end(self) -> None:
+        """Remember that the fit finished (see :mod:`isstad_plugin.models.resume`)."""
+        remember_fit(self, finished=True)
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        """A model restored from a checkpoint keeps its weights when trained further."""
+        """A model restored from a checkpoint keeps its weights when trained further; a test right after a resumed
+        fit, given the checkpoint it resumed from, keeps the trained network (:mod:`isstad_plugin.models.resume`)."""
+        keep_trained_network(self, checkpoint)
         super().on_load_checkpoint(checkpoint)
         self._backbone_initialised = True
 

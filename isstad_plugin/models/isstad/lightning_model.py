@@ -35,6 +35,7 @@ from torchvision.transforms.v2 import Compose, Normalize, Resize
 from isstad_plugin.data_cache import cache_train_data, release_train_cache
 from isstad_plugin.data_checks import check_dataset
 from isstad_plugin.models.evaluation import image_and_pixel_evaluator
+from isstad_plugin.models.resume import keep_trained_network, remember_fit
 from isstad_plugin.transforms import transform_leaves
 
 from .anomaly_map import ImageScore, MapCalibration, MapKind
@@ -343,6 +344,7 @@ class Isstad(AnomalibModule):
     def on_fit_start(self) -> None:
         """Check the weights; pick the corruption preset for the datamodule's category and seed per rank."""
         self._require_network()
+        remember_fit(self, finished=False)
         category = getattr(self.trainer.datamodule, "category", None)
         preset = preset_for_category(category)
         hp = self.hparams
@@ -372,9 +374,20 @@ class Isstad(AnomalibModule):
         checkpoint["isstad_stage"] = self.stage
         checkpoint["isstad_stage_plan"] = self.stage_plan.to_dict()
 
+    def on_fit_end(self) -> None:
+        """Remember that the fit finished (see :mod:`isstad_plugin.models.resume`)."""
+        remember_fit(self, finished=True)
+
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        """Resume in the recorded stage and with the recorded plan; the checkpoint's network replaces ``weights``."""
+        """Resume in the recorded stage and with the recorded plan; the checkpoint's network replaces ``weights``.
+
+        A test right after a resumed fit, given the checkpoint it resumed from (anomalib's ``train``), keeps the
+        trained network instead (see :mod:`isstad_plugin.models.resume`).
+        """
         _check_is_isstad_checkpoint(checkpoint)
+        if keep_trained_network(self, checkpoint):
+            checkpoint["isstad_stage"] = self.stage
+            checkpoint["isstad_stage_plan"] = self.stage_plan.to_dict()
         super().on_load_checkpoint(checkpoint)
         if self.hparams.weights is not None and self._weights_status != "checkpoint":
             logger.info("ISSTAD: the Lightning checkpoint provides the network; it replaces weights=%r.",

@@ -148,6 +148,33 @@ def test_resume_continues_stage_and_schedule(
     assert [lr for *_, lr in resumed.trace] == pytest.approx([lr for *_, lr in tail], rel=1e-9)
 
 
+def test_train_resumed_mid_stage2_reports_the_trained_model(
+    tile_root: Path, tiny_model_args: dict, tmp_path: Path,
+) -> None:
+    """anomalib's train passes its ckpt_path on to test: the metrics must still be those of the trained model."""
+    args = {**tiny_model_args, "stage1_epochs": 1, "stage2_epochs": 3, "stage2_cosine_epochs": 3}
+    seed_everything(0)
+    checkpoints = ModelCheckpoint(dirpath=tmp_path / "ckpt", filename="{epoch}", save_top_k=-1, every_n_epochs=1)
+    engine(tmp_path / "first", callbacks=[checkpoints]).fit(model=Isstad(**args), datamodule=datamodule(tile_root))
+    middle = tmp_path / "ckpt" / "epoch=2.ckpt"  # after the first of three stage-2 epochs
+
+    model = Isstad(**args)
+    eng = engine(tmp_path / "resumed")
+    reported = eng.train(model=model, datamodule=datamodule(tile_root), ckpt_path=middle)[0]
+    final = next((tmp_path / "resumed").rglob("model.ckpt"))
+    assert torch.load(final, map_location="cpu", weights_only=False)["epoch"] == 3
+    trained = Isstad.load_from_checkpoint(final, map_location="cpu")
+    expected = engine(tmp_path / "check").test(model=trained, datamodule=datamodule(tile_root), verbose=False)[0]
+    assert reported == pytest.approx(expected, abs=1e-6)
+    old = engine(tmp_path / "old").test(model=Isstad(**args), datamodule=datamodule(tile_root), ckpt_path=middle,
+                                        verbose=False)[0]
+    assert old != pytest.approx(expected, abs=1e-6)  # the resumed-from checkpoint really scores differently
+    # any other checkpoint still loads as asked
+    again = eng.test(model=model, datamodule=datamodule(tile_root), ckpt_path=tmp_path / "ckpt" / "epoch=1.ckpt",
+                     verbose=False)[0]
+    assert again != pytest.approx(expected, abs=1e-6)
+
+
 def test_missing_data_root_fails_early_with_the_path(tiny_model_args: dict, tmp_path: Path) -> None:
     model = Isstad(**tiny_model_args, stage1_epochs=0, stage2_epochs=1)
     with pytest.raises(FileNotFoundError, match=r"does-not-exist/magnetic_tile does not exist"):
