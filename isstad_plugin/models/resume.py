@@ -27,17 +27,17 @@ def _resolved(path: str | Path | None) -> Path | None:
 def remember_fit(module: LightningModule, finished: bool) -> None:
     """Record the checkpoint a fit resumed from (at its start) and that the fit finished (at its end)."""
     if not finished:
-        module._resumed_from = _resolved(module.trainer.ckpt_path)  # noqa: SLF001
-        module._finished_fit_resumed_from = None  # noqa: SLF001
+        module._resumed_from = _resolved(module.trainer.ckpt_path)
+        module._finished_fit_resumed_from = None
     else:
-        module._finished_fit_resumed_from = getattr(module, "_resumed_from", None)  # noqa: SLF001
+        module._finished_fit_resumed_from = getattr(module, "_resumed_from", None)
 
 
 def keep_trained_network(module: LightningModule, checkpoint: dict[str, Any]) -> bool:
     """In ``on_load_checkpoint``: replace the checkpoint's state by the model's own when the checkpoint is the one
     the model's finished fit resumed from (anomalib's train-then-test); returns whether it did."""
     resumed_from = getattr(module, "_finished_fit_resumed_from", None)
-    trainer = module._trainer  # noqa: SLF001
+    trainer = module._trainer
     if resumed_from is None or trainer is None or trainer.state.fn == TrainerFn.FITTING:
         return False
     if _resolved(trainer.ckpt_path) != resumed_from:
