@@ -11,7 +11,8 @@ The config (``configs/benchmark/isstad_recipe.yaml``) names a base model (``init
 (overrides of the base) and the seeds. A variant that changes stage 2 only may name ``stage1_from: <variant>``: it
 then starts from that variant's stage-1 checkpoint of the same seed (``stage1_epochs: 0``), so the two differ by the
 lever alone; its ``train_min`` adds that variant's stage-1 minutes. ``scorings`` (overrides of the scoring options
-only) are measured on every trained model without retraining, as rows ``<variant>+<scoring>``. Each (variant, seed) row trains with ``seed_everything(seed)`` on the
+only; what a scoring does not name is the paper's, whatever the variant's own scoring) are measured on every
+trained model without retraining, as rows ``<variant>+<scoring>``. Each (variant, seed) row trains with ``seed_everything(seed)`` on the
 category's ``train/good``, with anomalib's ``val_split_mode: from_test`` (``val_split_ratio: 0.5``): thresholds and
 every choice come from the validation half; the image AUROC, pixel AUROC and AUPRO of the validation half are
 always recorded, those of the test half only with ``--test``. Finished rows are kept in ``<output_dir>/rows.csv``
@@ -131,7 +132,7 @@ def run_rows(config: dict, variant: str, seed: int, with_test: bool, work: Path,
         if unknown:
             msg = f"scoring {scoring!r} changes {sorted(unknown)}; a scoring may change only {sorted(SCORING_OPTIONS)}"
             raise ValueError(msg)
-        scoring_options = {**options, **scoring_overrides}
+        scoring_options = scoring_overrides  # a whole scoring: what it does not name is the paper's
         model.model.anomaly_map_generator = AnomalyMapGenerator(
             scoring_options.get("score_sigma", 4.0), scoring_options.get("anomaly_map_kind", "product"),
             scoring_options.get("image_score", "paper"), scoring_options.get("image_score_top_fraction", 0.01),
