@@ -76,13 +76,17 @@ def model_options(config: dict, variant: str, seed: int, work: Path) -> tuple[di
     return options, parent
 
 
-def scored_rows(engine, model, datamodule, with_test: bool) -> dict:  # noqa: ANN001
+def scored_rows(engine, model, datamodule, with_test: bool, recorded: dict | None = None) -> dict:  # noqa: ANN001
     """Validation (and test) metrics of ``model`` as it scores now; thresholds and normalisation are refreshed
-    on the validation half first, so a changed scoring never reuses another scoring's statistics."""
+    on the validation half first, so a changed scoring never reuses another scoring's statistics. Validation
+    metrics already ``recorded`` for this model and scoring are kept rather than measured again."""
     engine.validate(model=model, datamodule=datamodule, verbose=False)
     row = {}
-    val = engine.test(model=model, dataloaders=datamodule.val_dataloader(), verbose=False)[0]
-    row.update({f"val_{m}": f"{val[m]:.4f}" for m in METRICS})
+    if recorded and all(recorded.get(f"val_{m}") for m in METRICS):
+        row.update({f"val_{m}": recorded[f"val_{m}"] for m in METRICS})
+    else:
+        val = engine.test(model=model, dataloaders=datamodule.val_dataloader(), verbose=False)[0]
+        row.update({f"val_{m}": f"{val[m]:.4f}" for m in METRICS})
     if with_test:
         test = engine.test(model=model, datamodule=datamodule, verbose=False)[0]
         row.update({f"test_{m}": f"{test[m]:.4f}" for m in METRICS})
@@ -122,7 +126,10 @@ def run_rows(config: dict, variant: str, seed: int, with_test: bool, work: Path,
             minutes += stage1
     common = {"seed": seed, "split_seed": config["split_seed"], "train_min": f"{minutes:.1f}",
               "stage1_min": f"{stage1:.2f}"}
-    out = [{"variant": variant, **common, **scored_rows(engine, model, datamodule, with_test)}]
+    def recorded(name: str) -> dict | None:  # this model's earlier row of that scoring (reloaded from its checkpoint)
+        return next((r for r in rows if r["variant"] == name and int(r["seed"]) == seed), None) if finished else None
+
+    out = [{"variant": variant, **common, **scored_rows(engine, model, datamodule, with_test, recorded(variant))}]
     if with_test and variant == config.get("figure_variant") and seed == min(config["seeds"]):
         write_figure(model, datamodule, DOCS / "isstad-recipe.png")
     for scoring, scoring_overrides in (config.get("scorings") or {}).items():
@@ -139,7 +146,7 @@ def run_rows(config: dict, variant: str, seed: int, with_test: bool, work: Path,
             scoring_options.get("map_calibration", "none"), (model.hparams.image_size,) * 2,
             scoring_options.get("image_score_map"))
         name = f"{variant}+{scoring}"
-        out.append({"variant": name, **common, **scored_rows(engine, model, datamodule, with_test)})
+        out.append({"variant": name, **common, **scored_rows(engine, model, datamodule, with_test, recorded(name))})
     return out
 
 
