@@ -152,7 +152,8 @@ def run_rows(config: dict, variant: str, seed: int, with_test: bool, work: Path,
 
 def write_figure(model, datamodule, path: Path, per_kind: int = 2) -> None:  # noqa: ANN001
     """A grid of test-half images: per defect kind (and good) the first ``per_kind`` images, their ground truth and
-    the model's anomaly map, all maps on one colour scale (so a hot spot on a good image reads as what it is)."""
+    the model's anomaly map twice: all maps on one colour scale (what the scores compare: a hot spot on a good image
+    reads as what it is), and each on its own scale (where in the image the model looks)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -170,19 +171,20 @@ def write_figure(model, datamodule, path: Path, per_kind: int = 2) -> None:  # n
     with torch.no_grad():
         images = torch.cat([model.pre_processor.transform(image.unsqueeze(0)) for _, image, _ in rows])
         maps = model.model(images).anomaly_map[:, 0]
-    masks = torch.nn.functional.interpolate(torch.stack([m.float() for *_, m in rows]).unsqueeze(1),
-                                            size=maps.shape[-2:], mode="nearest")[:, 0]
+    masks = torch.cat([torch.nn.functional.interpolate(m.float().view(1, 1, *m.shape[-2:]), size=maps.shape[-2:],
+                                                       mode="nearest")[:, 0] for *_, m in rows])
     low, high = maps.min().item(), maps.max().item()
-    figure, axes = plt.subplots(3, len(rows), figsize=(1.6 * len(rows), 5.2))
+    figure, axes = plt.subplots(4, len(rows), figsize=(1.6 * len(rows), 6.9))
     for column, (kind, _, _) in enumerate(rows):
         axes[0, column].imshow(images[column].permute(1, 2, 0).clamp(0, 1).numpy())
         axes[0, column].set_title(kind, fontsize=8)
         axes[1, column].imshow(masks[column].numpy(), cmap="gray", vmin=0, vmax=1)
         axes[2, column].imshow(maps[column].numpy(), cmap="jet", vmin=low, vmax=high)
-        for row in range(3):
+        axes[3, column].imshow(maps[column].numpy(), cmap="jet")
+        for row in range(4):
             axes[row, column].set_xticks([])
             axes[row, column].set_yticks([])
-    for row, label in enumerate(["test image", "ground truth", "anomaly map"]):
+    for row, label in enumerate(["test image", "ground truth", "map, one scale", "map, own scale"]):
         axes[row, 0].set_ylabel(label, fontsize=8)
     figure.tight_layout()
     figure.savefig(path, dpi=110)
@@ -233,6 +235,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--only", nargs="+", help="variants to run (default: all)")
     parser.add_argument("--seeds", type=int, nargs="+", help="seeds to run (default: the config's)")
     parser.add_argument("--test", action="store_true", help="also score the test half (for the chosen recipe)")
+    parser.add_argument("--figure", action="store_true",
+                        help="only draw the figure of the config's figure_variant from its trained seed-0 model")
     parser.add_argument("--rescore", action="store_true",
                         help="score finished runs again (e.g. after adding scorings) from their checkpoints")
     parser.add_argument("--scorings", nargs="*", metavar="NAME",
@@ -256,6 +260,20 @@ def main(argv: list[str] | None = None) -> int:
     unknown = sorted(set(args.scorings or []) - set(config.get("scorings") or {}))
     if unknown:
         parser.error(f"unknown scoring(s) {unknown}; the config has {list(config.get('scorings') or {})}")
+    if args.figure:
+        from anomalib.data import MVTecAD
+
+        from isstad_plugin import Isstad
+
+        checkpoint = finished_checkpoint(output_dir / "runs", config["figure_variant"], min(config["seeds"]))
+        if checkpoint is None:
+            parser.error(f"no trained {config['figure_variant']!r} model yet: run that variant first")
+        datamodule = MVTecAD(**config["data"], val_split_mode="from_test", val_split_ratio=0.5,
+                             seed=config["split_seed"])
+        datamodule.setup()
+        write_figure(Isstad.load_from_checkpoint(checkpoint, map_location="cpu"), datamodule,
+                     DOCS / "isstad-recipe.png")
+        return 0
     for variant in args.only or variants:
         for seed in args.seeds or config["seeds"]:
             if (variant, seed) in done:
