@@ -224,7 +224,8 @@ def summary(rows: list[dict], variants: list[str]) -> list[list[str]]:
             elif len(values) == 1:
                 cells.append(f"{values[0]:.3f}")
             else:
-                cells.append(f"{mean(values):.3f} ± {stdev(values):.3f}")
+                digits = 1 if column == "train_min" else 3
+                cells.append(f"{mean(values):.{digits}f} ± {stdev(values):.{digits}f}")
         table.append(cells)
     return table
 
@@ -307,8 +308,10 @@ def main(argv: list[str] | None = None) -> int:
         "",
         f"Base model: `{yaml.safe_dump(config['base'], default_flow_style=True, width=10_000).strip()}`; data: "
         f"`{config['data']['category']}`, validation = half of the test folder (`val_split_mode: from_test`, split "
-        f"seed {split}, the same for every variant and seed), chosen on it only; the test half is scored only for the "
-        "chosen recipe. Mean ± std over training seeds.",
+        f"seed {split}, the same for every variant and seed), every choice made on it only; the test half was scored "
+        "once, after the choice, for the chosen recipe and each ablation (`-`: not scored on the test half). "
+        "Mean ± std over training seeds. `train min`: minutes of `Engine.fit`; a variant that reuses the reference's "
+        "stage 1 (`stage1_from`) adds the reference's stage-1 minutes of the same seed.",
         "",
         *([f"![test images, ground truth and anomaly maps of `{config.get('figure_variant')}` (seed "
            f"{min(config['seeds'])})]({figure.name})", ""] if figure.is_file() else []),
