@@ -3,8 +3,9 @@
 A random union of rectangles, ellipses and polygons, drawn inside the object's foreground box, is filled with a
 transformed copy of the image (colour jitter / grayscale / blur, flips, or a blend with noise); the shape mask is the
 pixel label. Beyond the paper (options, off by default): Perlin-noise masks (anomalib's noise, as DRAEM draws them)
-and fills taken from the image itself shifted and rotated, or from another image of the batch. Everything is batched torch code on the input's device; all randomness comes from one
-``torch.Generator`` per device (or torch's global RNG when no seed is given).
+and fills taken from the image itself shifted and rotated, or from another image of the batch. Everything runs as
+torch code on the input's device, batched except the Perlin masks (anomalib's function draws one image at a time);
+all randomness comes from one ``torch.Generator`` per device (or torch's global RNG when no seed is given).
 """
 
 from __future__ import annotations
