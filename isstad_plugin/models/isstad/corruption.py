@@ -478,14 +478,11 @@ class SyntheticCorruption(SeededAugmentation):
         cols = (torch.arange(w, device=x.device).view(1, w) - dx.view(b, 1)) % w  # [B, W]
         x = x.gather(2, rows.view(b, 1, h, 1).expand(b, x.shape[1], h, w))
         x = x.gather(3, cols.view(b, 1, 1, w).expand(b, x.shape[1], h, w))
-        quarter_turns = (1, 2, 3) if h == w else (2,)
-        turns = torch.tensor((0, *quarter_turns), device=x.device)[
-            _randint(torch.zeros(b, dtype=torch.long, device=x.device),
-                     torch.full((b,), len(quarter_turns), device=x.device), gen)]
-        out = x
-        for k in quarter_turns:
-            out = torch.where((turns == k).view(b, 1, 1, 1), x.rot90(k, (2, 3)), out)
-        return out
+        turns = (0, 1, 2, 3) if h == w else (0, 2)
+        choice = _randint(torch.zeros(b, dtype=torch.long, device=x.device),
+                          torch.full((b,), len(turns) - 1, device=x.device), gen)
+        # each rotation computed only for the samples that drew it
+        return _apply_per_choice(x, choice, [lambda y, _, k=k: y.rot90(k, (2, 3)) for k in turns], gen)
 
     def _other(self, x: Tensor, gen: torch.Generator | None) -> Tensor:
         """Another image: the next of the samples that chose this fill (itself when alone), shifted as

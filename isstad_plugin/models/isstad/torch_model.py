@@ -182,7 +182,6 @@ class IsstadModel(nn.Module):
         self.anomaly_map_generator = AnomalyMapGenerator(score_sigma, anomaly_map_kind, image_score,
                                                          image_score_top_fraction, map_calibration, (height, width),
                                                          image_score_map)
-        self.encoder_frozen = False
         self.trainable_encoder_blocks = variant.depth  # blocks (from the last) that run with autograd
         self.initialize_weights()
 
@@ -242,7 +241,6 @@ class IsstadModel(nn.Module):
             param.requires_grad_(id(param) in trainable)
             if id(param) not in trainable:
                 param.grad = None
-        self.encoder_frozen = frozen
         self.trainable_encoder_blocks = min(trainable_blocks, depth) if frozen else depth
 
     # ------------------------------------------------------------------ tensor plumbing

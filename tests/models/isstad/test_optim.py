@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from timm.optim import param_groups_weight_decay
 
-from isstad_plugin.models.isstad.optim import adamw
+from isstad_plugin.models.isstad.optim import adamw, weight_decay_groups
 from isstad_plugin.models.isstad.torch_model import IsstadModel
 
 
@@ -48,3 +48,14 @@ def test_fused_adamw_matches_the_single_tensor_loop() -> None:
         if torch.equal(expected, initial[name]):
             unmoved.add(name)
     assert unmoved == {"mask_token"}  # only the unused mask token stood still: the weights did train
+
+
+def test_weight_decay_groups_split_like_timm() -> None:
+    """Our groups (needed for a per-subset learning rate) apply timm's decay rule to exactly the same tensors."""
+    model = IsstadModel("vit_tiny", image_size=(32, 32), decoder_embed_dim=32, decoder_depth=1, decoder_num_heads=4)
+    model.freeze_encoder(True, trainable_blocks=2)
+    ours = weight_decay_groups(model, 0.05, lambda _: True)
+    timm = param_groups_weight_decay(model, 0.05)
+    assert [g["weight_decay"] for g in ours] == [g["weight_decay"] for g in timm]
+    for a, b in zip(ours, timm, strict=True):
+        assert [id(p) for p in a["params"]] == [id(p) for p in b["params"]]
