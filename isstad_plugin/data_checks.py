@@ -10,8 +10,12 @@ each bad file and says what to do.
 from __future__ import annotations
 
 import logging
+import os
+import re
+import socket
 from collections.abc import Iterable
 from pathlib import Path
+from urllib.parse import urlparse
 
 import numpy as np
 from PIL import Image, UnidentifiedImageError
@@ -21,6 +25,9 @@ logger = logging.getLogger(__name__)
 # Modes PIL converts to RGB without losing information.
 SAFE_MODES = {"1", "L", "P", "RGB", "RGBA", "LA", "CMYK", "YCbCr", "I;16", "I;16B", "I;16L", "I"}
 SIXTEEN_BIT_MODES = {"I;16", "I;16B", "I;16L", "I"}
+ALPHA_MODES = {"RGBA", "LA", "PA"}  # accepted when every pixel is opaque
+MVTEC_SUFFIXES = {".png", ".PNG"}  # the files anomalib's MVTec AD dataset reads
+IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp"}
 
 
 class DataCheckError(ValueError):
@@ -34,6 +41,7 @@ def _image_problem(path: Path) -> tuple[str | None, tuple[int, int] | None]:
     try:
         with Image.open(path) as image:
             mode, size = image.mode, image.size
+            transparency = "transparency" in image.info
             image.verify()  # checksums / truncation, without decoding
         if mode not in SAFE_MODES:
             return f"unsupported pixel mode {mode!r}; save it as 8-bit RGB or grayscale", size
@@ -43,22 +51,45 @@ def _image_problem(path: Path) -> tuple[str | None, tuple[int, int] | None]:
             if peak > 255:
                 return (f"16-bit image with values up to {peak}: anomalib's reader would clip them to 255; "
                         "convert it to 8-bit (scale by 255/65535) first"), size
+        if mode in ALPHA_MODES or (mode == "P" and transparency):
+            with Image.open(path) as image:
+                alpha = np.asarray(image.convert("RGBA").getchannel("A"))
+            if int(alpha.min()) < 255:
+                return (f"transparent pixels ({(alpha < 255).mean():.0%} of the image): anomalib's reader drops "
+                        "the alpha channel, so the model would see what lies under them; flatten the image onto "
+                        "its background and save it as RGB or grayscale"), size
+    except Image.DecompressionBombError as error:
+        pixels = re.search(r"\((\d+) pixels\)", str(error))
+        count = f"{int(pixels.group(1)) / 1e6:.0f} megapixels" if pixels else "too many pixels"
+        return (f"{count}, over Pillow's decompression-bomb limit of {2 * Image.MAX_IMAGE_PIXELS / 1e6:.0f} "
+                "megapixels that anomalib's reader enforces; downscale the image (or check that it is not "
+                "corrupt)"), None
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as error:
         return f"cannot be read ({error.__class__.__name__}: {error}); the file is corrupt or truncated", None
     return None, size
 
 
-def check_split(image_paths: Iterable[str], mask_paths: Iterable[str | None], split: str) -> int:
+def check_split(image_paths: Iterable[str], mask_paths: Iterable[str | None], split: str,
+                folder: Path | None = None) -> int:
     """Check every image (and its mask, where given) of one split; returns the number of images checked.
 
+    Args:
+        image_paths: the split's image files.
+        mask_paths: each image's mask file, or ``None``/empty for images without one.
+        split: the split's name, for messages.
+        folder: where the split's images should be, for the message of an empty split.
+
     Raises:
-        DataCheckError: listing every file that is unreadable, truncated, of an unsafe pixel format, or whose
-            mask is missing or has a different size than its image; or when the split is empty.
+        DataCheckError: listing every file that is unreadable, truncated, too large to decode, of an unsafe
+            pixel format or with transparent pixels, or whose mask is missing or has a different size than its
+            image; or when the split is empty.
     """
     images = [Path(p) for p in image_paths]
     masks = [Path(m) if isinstance(m, str) and m else None for m in mask_paths]
     if not images:
-        msg = f"The {split} split has no images; check that its folder exists and holds image files."
+        where = f" ({folder})" if folder is not None else ""
+        msg = (f"The {split} split has no images{where}: put the images there, or point --data.root at the "
+               "folder that holds them.")
         raise DataCheckError(msg)
     problems = []
     for image_path, mask_path in zip(images, masks, strict=True):
@@ -77,7 +108,9 @@ def check_split(image_paths: Iterable[str], mask_paths: Iterable[str | None], sp
     if problems:
         shown = "\n  ".join(problems[:20])
         more = f"\n  ... and {len(problems) - 20} more" if len(problems) > 20 else ""
-        msg = f"{len(problems)} bad file(s) in the {split} split:\n  {shown}{more}"
+        # the summary closes the message, so the last lines of a long traceback still say what to do
+        msg = (f"{len(problems)} bad file(s) in the {split} split:\n  {shown}{more}\n"
+               f"Fix or remove the file(s) named above; nothing was trained or tested on the {split} split.")
         raise DataCheckError(msg)
     logger.info("Checked %d %s images.", len(images), split)
     return len(images)
@@ -89,4 +122,97 @@ def check_dataset(dataset: object, split: str) -> int | None:
     if samples is None or "image_path" not in getattr(samples, "columns", ()):
         return None
     masks = samples["mask_path"] if "mask_path" in samples.columns else [None] * len(samples)
-    return check_split(samples["image_path"], masks, split)
+    root = getattr(dataset, "root_category", None)
+    folder = None if root is None else Path(root) / ("train/good" if split == "train" else "test")
+    return check_split(samples["image_path"], masks, split, folder)
+
+
+def check_mvtec_layout(folder: Path) -> None:
+    """Every defective test image of an MVTec-layout category has its mask, every mask its image, and every image
+    is a ``.png`` (the only files anomalib's MVTec AD reads; other files are listed in a warning).
+
+    anomalib pairs ``test/<defect>/<name>.png`` with ``ground_truth/<defect>/<name>_mask.png`` (or ``<name>.png``)
+    by sorted order, so one missing file shifts every pairing after it or fails inside pandas.
+
+    Raises:
+        DataCheckError: naming every image without a mask, every mask without an image and every non-PNG image.
+    """
+    problems, ignored = [], []
+    for split in sorted(p for p in [folder / "train" / "good", *(folder / "test").glob("*"),
+                                    *(folder / "ground_truth").glob("*")] if p.is_dir()):
+        for file in sorted(split.iterdir()):
+            if file.suffix in MVTEC_SUFFIXES or file.is_dir():
+                continue
+            if file.suffix.lower() in IMAGE_SUFFIXES:
+                problems.append(f"{file}: anomalib's MVTec AD reads only .png files and would skip it; convert it "
+                                "to PNG (or use anomalib.data.Folder, which reads other formats)")
+            else:
+                ignored.append(file)
+    if ignored:
+        logger.warning("Not images, ignored by anomalib's MVTec AD: %s", ", ".join(map(str, ignored)))
+    for defect in sorted(p for p in (folder / "test").glob("*") if p.is_dir() and p.name != "good"):
+        truth = folder / "ground_truth" / defect.name
+        images = {p.stem: p for p in defect.iterdir() if p.suffix in MVTEC_SUFFIXES}
+        masks = {p.stem.removesuffix("_mask"): p for p in truth.glob("*") if p.suffix in MVTEC_SUFFIXES}
+        problems += [f"{truth / (stem + '_mask.png')} is missing (the mask of {images[stem]})"
+                     for stem in sorted(images.keys() - masks.keys())]
+        problems += [f"{masks[stem]} has no image {defect / (stem + '.png')}" for stem in sorted(masks.keys() - images.keys())]
+    if problems:
+        shown = "\n  ".join(problems[:20])
+        more = f"\n  ... and {len(problems) - 20} more" if len(problems) > 20 else ""
+        msg = (f"{len(problems)} file(s) of {folder} that anomalib would misread:\n  {shown}{more}\n"
+               "Every test/<defect>/<name>.png needs ground_truth/<defect>/<name>_mask.png, and every image must be "
+               "a .png: fix or remove the files named above.")
+        raise DataCheckError(msg)
+
+
+def check_data_folder(datamodule: object) -> None:
+    """Fail before anomalib reads or downloads anything when a folder-layout datamodule's data is unusable.
+
+    Checks the ``<root>/<category>`` folder of any datamodule that has ``root`` and ``category`` (MVTec AD,
+    Visa, ...). A missing folder of a category anomalib can download (MVTec AD) is left to anomalib's download
+    only when the download host answers; offline (``HF_HUB_OFFLINE=1``, or no answer within 3 s) it fails here
+    instead of after a long wait. For MVTec AD, :func:`check_mvtec_layout` then pairs images and masks.
+
+    Raises:
+        FileNotFoundError: the category folder is missing (and cannot be downloaded here).
+        DataCheckError: see :func:`check_mvtec_layout`.
+    """
+    root, category = getattr(datamodule, "root", None), getattr(datamodule, "category", None)
+    if root is None or category is None:
+        return
+    folder = Path(root) / str(category)
+    layout = "<root>/<category>/train/good, test/<defect>, ground_truth/<defect>"
+    if not folder.is_dir():
+        url = _download_url(datamodule)
+        if url is not None and _reachable(url):
+            logger.warning("%s not found: anomalib will download the data set into %s.", folder, root)
+            return
+        offline = f" and cannot be downloaded here ({urlparse(url).netloc} unreachable)" if url else ""
+        msg = (f"Data folder {folder} does not exist{offline}. Point --data.root at the folder that contains "
+               f"{category!r}, in MVTec AD layout ({layout}).")
+        raise FileNotFoundError(msg)
+    if type(datamodule).__name__ == "MVTecAD":
+        check_mvtec_layout(folder)
+
+
+def _download_url(datamodule: object) -> str | None:
+    """The URL anomalib would download ``datamodule``'s data set from, if it can download it."""
+    if type(datamodule).__name__ != "MVTecAD":
+        return None
+    from anomalib.data.datamodules.image import mvtecad
+    from anomalib.data.datasets.image.mvtecad import CATEGORIES
+
+    return mvtecad.DOWNLOAD_INFO.url if getattr(datamodule, "category", None) in CATEGORIES else None
+
+
+def _reachable(url: str, timeout: float = 3.0) -> bool:
+    """Whether ``url``'s host accepts a connection within ``timeout`` seconds (never under ``HF_HUB_OFFLINE``)."""
+    if os.environ.get("HF_HUB_OFFLINE", "").strip().upper() in {"1", "ON", "YES", "TRUE"}:
+        return False
+    parsed = urlparse(url)
+    try:
+        with socket.create_connection((parsed.hostname, parsed.port or 443), timeout=timeout):
+            return True
+    except OSError:
+        return False

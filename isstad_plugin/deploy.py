@@ -29,7 +29,7 @@ from pathlib import Path
 import cv2
 import numpy as np
 
-IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp"}
+from isstad_plugin.data_checks import IMAGE_SUFFIXES
 
 # OpenVINO's CPU plugin computes in BF16 by default on CPUs that have it (AVX-512 BF16, AMX) and in FP32
 # elsewhere, so the same model scores differently from one machine to the next unless the precision is named.

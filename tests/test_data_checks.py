@@ -21,9 +21,9 @@ def good(tmp_path: Path) -> Path:
     return write(tmp_path / "good.png", np.random.default_rng(0).integers(0, 255, (40, 30, 3), dtype=np.uint8))
 
 
-def test_valid_grayscale_rgba_and_small_16_bit_images_are_accepted(tmp_path: Path, good: Path) -> None:
+def test_valid_grayscale_opaque_rgba_and_small_16_bit_images_are_accepted(tmp_path: Path, good: Path) -> None:
     gray = write(tmp_path / "gray.png", np.full((40, 30), 100, np.uint8))
-    rgba = write(tmp_path / "rgba.png", np.full((40, 30, 4), 100, np.uint8))
+    rgba = write(tmp_path / "rgba.png", np.dstack([np.full((40, 30, 3), 100, np.uint8), np.full((40, 30), 255, np.uint8)]))
     small16 = write(tmp_path / "small16.png", np.full((40, 30), 200, np.uint16))
     mask = write(tmp_path / "mask.png", np.zeros((40, 30), np.uint8))
     assert check_split([good, gray, rgba, small16], [None, str(mask), None, None], "train") == 4
@@ -51,3 +51,12 @@ def test_every_bad_file_is_named_with_what_to_do(tmp_path: Path, good: Path) -> 
 def test_empty_split_is_refused() -> None:
     with pytest.raises(DataCheckError, match="The train split has no images"):
         check_split([], [], "train")
+
+
+def test_transparent_pixels_are_refused(tmp_path: Path) -> None:
+    """anomalib's reader drops the alpha channel: what lies under transparent pixels would be scored."""
+    alpha = np.full((40, 30), 255, np.uint8)
+    alpha[:10] = 0
+    rgba = write(tmp_path / "rgba.png", np.dstack([np.full((40, 30, 3), 100, np.uint8), alpha]))
+    with pytest.raises(DataCheckError, match=r"rgba\.png: transparent pixels \(25% of the image\)"):
+        check_split([rgba], [None], "train")

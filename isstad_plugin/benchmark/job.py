@@ -16,9 +16,9 @@ from typing import Any
 import numpy as np
 import torch
 
-from .timing import median, time_calls
+from isstad_plugin.data_checks import IMAGE_SUFFIXES
 
-IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")
+from .timing import median, time_calls
 
 
 def resolve_backbone(run: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:

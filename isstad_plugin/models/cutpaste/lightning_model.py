@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import copy
 import logging
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -37,6 +38,17 @@ from torch import nn
 from torch.utils.data import DataLoader
 from torchvision.transforms.v2 import Compose, Normalize, Resize
 
+from isstad_plugin.data_checks import check_data_folder, check_dataset
+from isstad_plugin.errors import input_error
+from isstad_plugin.models.arguments import check_numbers
+from isstad_plugin.models.checkpoints import (
+    VERSION_KEY,
+    check_checkpoint_file,
+    check_compatible,
+    check_writable,
+    plugin_version,
+    use_safe_checkpoint_io,
+)
 from isstad_plugin.models.evaluation import image_and_pixel_evaluator
 from isstad_plugin.models.resume import keep_trained_network, remember_fit
 from isstad_plugin.transforms import transform_leaves
@@ -47,6 +59,8 @@ from .torch_model import PAPER_HEAD, CutpasteModel
 logger = logging.getLogger(__name__)
 
 LIGHTNING_DEFAULT_MAX_EPOCHS = 1000
+# hyper-parameters that shape the network's tensors: a checkpoint loads only into a model built with its values
+NETWORK_OPTIONS = ("backbone", "head_layers")
 
 
 class Cutpaste(AnomalibModule):
@@ -66,6 +80,11 @@ class Cutpaste(AnomalibModule):
         jitter: colour-jitter strength of the pasted rectangles.
         augmentation_seed: seed of the CutPaste generator; ``None`` follows the global seed.
         lr: SGD learning rate (cosine-annealed to 0 over the run).
+        backbone_lr_scale: the backbone's learning rate is ``lr * backbone_lr_scale`` (paper: 1, the whole network
+            is fine-tuned); 0 freezes the backbone, so only the projection head and classifier learn and the
+            Gaussians are fitted on the pretrained features as they are.
+        freeze_batchnorm: keep the backbone's BatchNorm layers in eval mode while training (their ImageNet
+            running statistics stay; the paper fine-tunes them).
         momentum: SGD momentum.
         weight_decay: SGD weight decay.
         max_epochs: epochs used when the trainer was given no budget (see the module docstring).
@@ -89,6 +108,8 @@ class Cutpaste(AnomalibModule):
         jitter: float = 0.1,
         augmentation_seed: int | None = None,
         lr: float = 0.03,
+        backbone_lr_scale: float = 1.0,
+        freeze_batchnorm: bool = False,
         momentum: float = 0.9,
         weight_decay: float = 3e-5,
         max_epochs: int = 256,
@@ -99,9 +120,13 @@ class Cutpaste(AnomalibModule):
         visualizer: Visualizer | bool = True,
     ) -> None:
         if not 0 < patch_size <= image_size:
-            raise ValueError(f"patch_size must be in [1, image_size={image_size}], got {patch_size}")
+            raise input_error(f"patch_size must be in [1, image_size={image_size}], got {patch_size}.")
         if max_epochs < 1:
-            raise ValueError(f"max_epochs must be >= 1, got {max_epochs}")
+            raise input_error(f"max_epochs must be >= 1, got {max_epochs}.")
+        check_numbers(positive={"lr": lr, "score_sigma": score_sigma, "patch_stride": patch_stride},
+                      non_negative={"patch_loss_weight": patch_loss_weight, "weight_decay": weight_decay,
+                                    "jitter": jitter, "backbone_lr_scale": backbone_lr_scale},
+                      fractions={"momentum": momentum})
         if pre_processor is True:
             pre_processor = self.configure_pre_processor((image_size, image_size))
         super().__init__(
@@ -148,13 +173,26 @@ class Cutpaste(AnomalibModule):
         """No sanity validation (the Gaussians are fitted when training ends); the epoch budget stays the user's."""
         return {"num_sanity_val_steps": 0}
 
+    def configure_callbacks(self) -> Any:  # noqa: ANN401
+        """anomalib's component callbacks; checks the data folder first (before anomalib reads or downloads it)."""
+        check_data_folder(getattr(self._trainer, "datamodule", None) if self._trainer is not None else None)
+        return super().configure_callbacks()
+
     # ------------------------------------------------------------------ set-up
     def setup(self, stage: str) -> None:
-        """Without an epoch or step budget from the user, train for the model's ``max_epochs``.
+        """Without an epoch or step budget from the user, train for the model's ``max_epochs``; checkpoints are
+        written atomically and read with clear errors; for fit, the output folder and every training and
+        validation file are checked.
 
         Runs before ``configure_optimizers``, so the cosine schedule spans the budget actually used.
         """
         trainer = self.trainer
+        use_safe_checkpoint_io(trainer)
+        if stage == "fit":
+            check_writable(getattr(trainer.checkpoint_callback, "dirpath", None) or trainer.default_root_dir)
+            for split in ("train", "val"):
+                if (dataset := getattr(trainer.datamodule, f"{split}_data", None)) is not None:
+                    check_dataset(dataset, split)
         if stage == "fit" and trainer.max_epochs == LIGHTNING_DEFAULT_MAX_EPOCHS and trainer.max_steps == -1:
             logger.info("No max_epochs given to the trainer: CutPaste trains for max_epochs=%d.",
                         self.hparams.max_epochs)
@@ -181,22 +219,54 @@ class Cutpaste(AnomalibModule):
         """Remember that the fit finished (see :mod:`isstad_plugin.models.resume`)."""
         remember_fit(self, finished=True)
 
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        """Record the plugin version that wrote the checkpoint."""
+        super().on_save_checkpoint(checkpoint)
+        checkpoint[VERSION_KEY] = plugin_version()
+
+    @classmethod
+    def load_from_checkpoint(cls, checkpoint_path: Any, *args: Any, **kwargs: Any) -> Cutpaste:  # noqa: ANN401
+        """Lightning's ``load_from_checkpoint``, after checking that a local file is a complete checkpoint."""
+        if isinstance(checkpoint_path, str | Path) and "://" not in str(checkpoint_path):
+            check_checkpoint_file(checkpoint_path)
+        return super().load_from_checkpoint(checkpoint_path, *args, **kwargs)
+
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        """A model restored from a checkpoint keeps its weights when trained further; a test right after a resumed
-        fit, given the checkpoint it resumed from, keeps the trained network (:mod:`isstad_plugin.models.resume`)."""
+        """A checkpoint of another network shape is refused naming the option; a model restored from a checkpoint
+        keeps its weights when trained further; a test right after a resumed fit, given the checkpoint it resumed
+        from, keeps the trained network (:mod:`isstad_plugin.models.resume`)."""
+        check_compatible(self, checkpoint, NETWORK_OPTIONS,
+                         path=self._trainer.ckpt_path if self._trainer is not None else None)
         keep_trained_network(self, checkpoint)
         super().on_load_checkpoint(checkpoint)
         self._backbone_initialised = True
 
     # ------------------------------------------------------------------ optimisation
     def configure_optimizers(self) -> dict[str, Any]:
-        """SGD with momentum, cosine-annealed per step to 0 over the whole run."""
+        """SGD with momentum, cosine-annealed per step to 0 over the whole run; the backbone at
+        ``lr * backbone_lr_scale`` (not at all when 0)."""
         hp = self.hparams
-        optimizer = torch.optim.SGD(self.model.parameters(), lr=hp.lr, momentum=hp.momentum,
-                                    weight_decay=hp.weight_decay)
+        frozen = hp.backbone_lr_scale == 0
+        self.model.backbone.requires_grad_(not frozen)
+        groups = [{"params": [*self.model.head.parameters(), *self.model.classifier.parameters()], "lr": hp.lr}]
+        if not frozen:
+            groups.append({"params": list(self.model.backbone.parameters()), "lr": hp.lr * hp.backbone_lr_scale})
+        optimizer = torch.optim.SGD(groups, lr=hp.lr, momentum=hp.momentum, weight_decay=hp.weight_decay)
         total_steps = max(1, int(self.trainer.estimated_stepping_batches))
         scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=total_steps)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+    def train(self, mode: bool = True) -> Cutpaste:
+        """As ``nn.Module.train``; a frozen backbone stays in eval mode, and so do its BatchNorm layers under
+        ``freeze_batchnorm``."""
+        super().train(mode)
+        if mode and self.hparams.get("backbone_lr_scale", 1.0) == 0:
+            self.model.backbone.eval()
+        elif mode and self.hparams.get("freeze_batchnorm", False):
+            for module in self.model.backbone.modules():
+                if isinstance(module, nn.modules.batchnorm._BatchNorm):
+                    module.eval()
+        return self
 
     # ------------------------------------------------------------------ steps
     def training_step(self, batch: Batch, *args, **kwargs) -> STEP_OUTPUT:
@@ -259,7 +329,10 @@ class Cutpaste(AnomalibModule):
             self.fit_density()
 
     def on_test_start(self) -> None:
-        """A model that was never fitted (e.g. trained without validation) is fitted on the training split."""
+        """Check the test files; a model that was never fitted (e.g. trained without validation) is fitted on the
+        training split."""
+        if (dataset := getattr(self.trainer.datamodule, "test_data", None)) is not None:
+            check_dataset(dataset, "test")
         if not self.model.image_density.fitted:
             self.fit_density()
 

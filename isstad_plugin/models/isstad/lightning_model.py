@@ -33,7 +33,17 @@ from torch import nn
 from torchvision.transforms.v2 import Compose, Normalize, Resize
 
 from isstad_plugin.data_cache import cache_train_data, release_train_cache
-from isstad_plugin.data_checks import check_dataset
+from isstad_plugin.data_checks import check_data_folder, check_dataset
+from isstad_plugin.errors import input_error
+from isstad_plugin.models.arguments import check_numbers
+from isstad_plugin.models.checkpoints import (
+    VERSION_KEY,
+    check_checkpoint_file,
+    check_compatible,
+    check_writable,
+    plugin_version,
+    use_safe_checkpoint_io,
+)
 from isstad_plugin.models.evaluation import image_and_pixel_evaluator
 from isstad_plugin.models.resume import keep_trained_network, remember_fit
 from isstad_plugin.transforms import transform_leaves
@@ -185,17 +195,23 @@ class Isstad(AnomalibModule):
         visualizer: Visualizer | bool = True,
     ) -> None:
         _check_arguments(stage1_epochs, stage2_epochs, mask_ratio, reconstruction_target, image_size, patch_size)
-        for name, value in (("val_every_n_epochs", val_every_n_epochs),
-                            ("checkpoint_every_n_epochs", checkpoint_every_n_epochs),
-                            ("train_cache_gb", train_cache_gb),
-                            ("stage2_encoder_blocks", stage2_encoder_blocks),
-                            ("stage2_encoder_lr_scale", stage2_encoder_lr_scale)):
-            if not value >= 0:  # also refuses NaN
-                msg = f"{name} must be >= 0 (0 switches it off), got {value}."
-                raise ValueError(msg)
+        check_numbers(
+            positive={"stage1_base_lr": stage1_base_lr, "stage2_lr": stage2_lr, "score_sigma": score_sigma,
+                      "image_score_top_fraction": image_score_top_fraction},
+            non_negative={"val_every_n_epochs": val_every_n_epochs,
+                          "checkpoint_every_n_epochs": checkpoint_every_n_epochs, "train_cache_gb": train_cache_gb,
+                          "stage2_encoder_blocks": stage2_encoder_blocks,
+                          "stage2_encoder_lr_scale": stage2_encoder_lr_scale, "stage1_weight_decay": stage1_weight_decay,
+                          "stage2_weight_decay": stage2_weight_decay, "stage2_min_lr": stage2_min_lr,
+                          "stage1_warmup_epochs": stage1_warmup_epochs, "mse_weight": mse_weight,
+                          "ssim_weight": ssim_weight},
+            fractions={"corruption_probability": corruption_probability, "image_score_top_fraction":
+                       image_score_top_fraction, **{f"stage1_betas[{i}]": b for i, b in enumerate(stage1_betas)},
+                       **{f"stage2_betas[{i}]": b for i, b in enumerate(stage2_betas)}},
+        )
         if normalization not in NORMALIZATIONS:
             msg = f"normalization must be one of {sorted(NORMALIZATIONS)}, got {normalization!r}."
-            raise ValueError(msg)
+            raise input_error(msg)
         if pre_processor is True:
             pre_processor = self.configure_pre_processor((image_size, image_size))
         super().__init__(
@@ -289,8 +305,10 @@ class Isstad(AnomalibModule):
             release_train_cache(self.trainer.datamodule)
 
     def setup(self, stage: str) -> None:
-        """For fit: check the training files and cache them (see :mod:`isstad_plugin.data_cache`). Load
-        ``weights`` into the network once, when the first fit/validate/test/predict starts.
+        """Checkpoints are written atomically and read with clear errors (:mod:`..checkpoints`). For fit: check
+        that the output folder is writable, check the training files and cache them (see
+        :mod:`isstad_plugin.data_cache`). Load ``weights`` into the network once, when the first
+        fit/validate/test/predict starts.
 
         The cache is made here, after the datamodule's own setup and before Lightning first builds the train
         loader (stage 1's schedule asks for the number of steps while the optimisers are configured).
@@ -299,7 +317,11 @@ class Isstad(AnomalibModule):
         overwritten by the checkpoint; a missing file is tolerated until the restore, and the run fails in its
         first ``on_*_start`` hook if no checkpoint provided the network.
         """
-        if stage == "fit" and self._trainer is not None and self.trainer.datamodule is not None:
+        use_safe_checkpoint_io(self.trainer)
+        if stage == "fit":
+            checkpoint = self.trainer.checkpoint_callback
+            check_writable(getattr(checkpoint, "dirpath", None) or self.trainer.default_root_dir)
+        if stage == "fit" and self.trainer.datamodule is not None:
             self._check_data("train", "val")
             logger.info("ISSTAD: %s", cache_train_data(self.trainer.datamodule, self.hparams.train_cache_gb))
         if self.hparams.weights is None or self._weights_status in {"loaded", "checkpoint"}:
@@ -371,12 +393,21 @@ class Isstad(AnomalibModule):
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         """Record the current stage and the stage plan."""
         super().on_save_checkpoint(checkpoint)
+        checkpoint[VERSION_KEY] = plugin_version()
         checkpoint["isstad_stage"] = self.stage
         checkpoint["isstad_stage_plan"] = self.stage_plan.to_dict()
 
     def on_fit_end(self) -> None:
         """Remember that the fit finished (see :mod:`isstad_plugin.models.resume`)."""
         remember_fit(self, finished=True)
+
+    @classmethod
+    def load_from_checkpoint(cls, checkpoint_path: Any, *args: Any, **kwargs: Any) -> Isstad:  # noqa: ANN401
+        """Lightning's ``load_from_checkpoint`` (used by ``anomalib export``), after checking that a local file
+        is a complete checkpoint, so a truncated one fails naming the file."""
+        if isinstance(checkpoint_path, str | Path) and "://" not in str(checkpoint_path):
+            check_checkpoint_file(checkpoint_path)
+        return super().load_from_checkpoint(checkpoint_path, *args, **kwargs)
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         """Resume in the recorded stage and with the recorded plan; the checkpoint's network replaces ``weights``.
@@ -385,6 +416,8 @@ class Isstad(AnomalibModule):
         trained network instead (see :mod:`isstad_plugin.models.resume`).
         """
         _check_is_isstad_checkpoint(checkpoint)
+        check_compatible(self, checkpoint, NETWORK_OPTIONS,
+                         path=self._trainer.ckpt_path if self._trainer is not None else None)
         if keep_trained_network(self, checkpoint):
             checkpoint["isstad_stage"] = self.stage
             checkpoint["isstad_stage_plan"] = self.stage_plan.to_dict()
@@ -535,25 +568,13 @@ class Isstad(AnomalibModule):
             raise ValueError(msg)
 
     def _check_datamodule(self) -> None:
-        """Fail before anomalib tries a download when a folder-layout data root is missing."""
+        """Fail before anomalib reads or tries to download the data when its folder is unusable."""
         datamodule = getattr(self._trainer, "datamodule", None) if self._trainer is not None else None
-        root = getattr(datamodule, "root", None)
-        category = getattr(datamodule, "category", None)
-        if root is None or category is None:
-            return
-        folder = Path(root) / str(category)
-        if folder.is_dir():
-            return
-        downloadable = type(datamodule).__name__ == "MVTecAD" and category in MVTEC_AD_PRESETS
-        if downloadable:
-            logger.warning("%s not found: anomalib will try to download MVTec AD into %s.", folder, root)
-            return
-        msg = (
-            f"Data folder {folder} does not exist (data root {root!r}, category {category!r}). "
-            "Point --data.root at the folder that contains the category, in MVTec AD layout "
-            "(<root>/<category>/train/good, test/<defect>, ground_truth/<defect>)."
-        )
-        raise FileNotFoundError(msg)
+        check_data_folder(datamodule)
+
+
+# hyper-parameters that shape the network's tensors: a checkpoint loads only into a model built with its values
+NETWORK_OPTIONS = ("backbone", "image_size", "patch_size", "decoder_embed_dim", "decoder_depth", "decoder_num_heads")
 
 
 def _check_is_isstad_checkpoint(checkpoint: dict[str, Any]) -> None:
@@ -583,20 +604,20 @@ def _check_arguments(
 ) -> None:
     if stage1_epochs < 0 or stage2_epochs < 1:
         msg = f"stage1_epochs must be >= 0 and stage2_epochs >= 1, got {stage1_epochs} and {stage2_epochs}."
-        raise ValueError(msg)
+        raise input_error(msg)
     if not 0 < mask_ratio < 1:
         msg = f"mask_ratio must be in (0, 1), got {mask_ratio}."
-        raise ValueError(msg)
+        raise input_error(msg)
     if reconstruction_target not in {"input", "clean"}:
         msg = f"reconstruction_target must be 'input' or 'clean', got {reconstruction_target!r}."
-        raise ValueError(msg)
+        raise input_error(msg)
     if patch_size <= 0 or image_size % patch_size:
         lower = max(patch_size, image_size // max(patch_size, 1) * patch_size)
         msg = (
             f"image_size={image_size} is not a multiple of patch_size={patch_size}; "
             f"use e.g. image_size={lower} or {lower + patch_size}."
         )
-        raise ValueError(msg)
+        raise input_error(msg)
 
 
 __all__ = ["IMAGENET_MEAN", "IMAGENET_STD", "Isstad"]

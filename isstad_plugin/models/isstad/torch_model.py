@@ -24,6 +24,8 @@ from timm.layers import PatchEmbed
 from timm.models.vision_transformer import Block
 from torch import nn
 
+from isstad_plugin.errors import input_error
+
 from .anomaly_map import AnomalyMapGenerator, ImageScore, MapCalibration, MapKind
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -134,19 +136,19 @@ class IsstadModel(nn.Module):
     ) -> None:
         super().__init__()
         if backbone not in VIT_VARIANTS:
-            msg = f"Unknown backbone {backbone!r}; choose one of {sorted(VIT_VARIANTS)}."
-            raise ValueError(msg)
+            msg = f"Unknown backbone {backbone!r}: --model.backbone must be one of {sorted(VIT_VARIANTS)}."
+            raise input_error(msg)
         height, width = image_size
         if patch_size <= 0 or height % patch_size or width % patch_size:
             msg = (
                 f"image_size {tuple(image_size)} must be a multiple of patch_size {patch_size} on both sides; "
                 f"use e.g. {_nearest_multiple(height, patch_size)}x{_nearest_multiple(width, patch_size)}."
             )
-            raise ValueError(msg)
+            raise input_error(msg)
         variant = VIT_VARIANTS[backbone]
         if decoder_embed_dim % decoder_num_heads:
             msg = f"decoder_embed_dim {decoder_embed_dim} must be divisible by decoder_num_heads {decoder_num_heads}."
-            raise ValueError(msg)
+            raise input_error(msg)
         norm_layer = partial(nn.LayerNorm, eps=1e-6)
         self.patch_size = patch_size
         self.grid_size = (height // patch_size, width // patch_size)

@@ -87,3 +87,16 @@ def test_invalid_arguments() -> None:
         Cutpaste(image_size=64, patch_size=96)
     with pytest.raises(ValueError, match="score_sigma"):
         CutpasteModel(score_sigma=0)
+
+
+@pytest.mark.parametrize(("backbone", "mean", "std"), [
+    ("resnet18", (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)),
+    ("efficientnet_lite0.pypi_in1k", (0.5, 0.5, 0.5), (0.5, 0.5, 0.5)),  # TensorFlow's weights: (x - 0.5) / 0.5
+])
+def test_inputs_are_normalised_as_the_backbone_weights_expect(backbone: str, mean: tuple, std: tuple) -> None:
+    model = CutpasteModel(backbone=backbone, head_layers=(8,))
+    torch.testing.assert_close(model.pixel_mean.flatten(), torch.tensor(mean))
+    torch.testing.assert_close(model.pixel_std.flatten(), torch.tensor(std))
+    images = torch.rand(1, 3, 8, 8)
+    torch.testing.assert_close(model.normalize(images), (images - torch.tensor(mean).view(1, 3, 1, 1))
+                               / torch.tensor(std).view(1, 3, 1, 1))

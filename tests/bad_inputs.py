@@ -1,0 +1,415 @@
+"""Bad inputs and faults, each run through the real command a user types; the table of ``docs/reliability.md``.
+
+Every case prepares its fault in a fresh folder, runs ``anomalib ...`` (or ``isstad-predict``) in a subprocess
+and expects: a non-zero exit, a message that names the file or option and the fix within the **last 5 lines** of
+the output, and nothing half-written left behind. ``tests/test_bad_inputs.py`` runs every case;
+``python -m tests.bad_inputs`` runs them all and writes the table of ``docs/reliability.md`` from what the
+commands actually printed (the text above the table's marker is kept).
+
+Faults that need a live process to interrupt (SIGKILL in each stage, then resume; an interrupted export) are
+tested elsewhere and listed in :data:`OTHER_TESTS`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import re
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import cv2
+import numpy as np
+
+from tests.conftest import REPO, TINY_MODEL, make_slice
+
+BIN = Path(sys.executable).parent
+TAIL_LINES = 5
+MESSAGE_START = re.compile(r"^(\w*(Error|Exception)\b|error:)")  # where the printed message begins
+PAGE = REPO / "docs" / "reliability.md"
+MARKER = "<!-- The table below is written by `python -m tests.bad_inputs`; edit the cases, not the table. -->"
+MODEL_FLAGS = [arg for key, value in TINY_MODEL.items() for arg in (f"--model.{key}", str(value))]
+
+
+def data_flags(root: Path, category: str = "magnetic_tile") -> list[str]:
+    return ["--data", "anomalib.data.MVTecAD", "--data.root", str(root), "--data.category", category,
+            "--data.num_workers", "0", "--data.train_batch_size", "4", "--data.eval_batch_size", "4"]
+
+
+def train(root: Path, out: Path, *extra: str) -> list[str]:
+    """``anomalib train`` of the tiny ISSTAD for 1 + 1 epochs on ``root``."""
+    return [str(BIN / "anomalib"), "train", "--model", "isstad", *MODEL_FLAGS, "--model.stage1_epochs", "1",
+            "--model.stage2_epochs", "1", *data_flags(root), "--trainer.accelerator", "cpu",
+            "--trainer.enable_progress_bar", "false", "--default_root_dir", str(out), *extra]
+
+
+def test_command(root: Path, out: Path, checkpoint: Path, *extra: str) -> list[str]:
+    """``anomalib test`` of the tiny ISSTAD from ``checkpoint``."""
+    return [str(BIN / "anomalib"), "test", "--model", "isstad", *MODEL_FLAGS, *extra, "--ckpt_path", str(checkpoint),
+            *data_flags(root), "--trainer.accelerator", "cpu", "--default_root_dir", str(out)]
+
+
+def tiny_checkpoint(path: Path, **options: object) -> Path:
+    """A Lightning checkpoint of an untrained tiny ISSTAD (the keys and hyper-parameters a trained one has)."""
+    import lightning
+    import torch
+
+    from isstad_plugin import Isstad
+
+    model = Isstad(**{**TINY_MODEL, **options})
+    torch.save({"state_dict": model.state_dict(), "hyper_parameters": dict(model.hparams), "epoch": 0,
+                "global_step": 0, "pytorch-lightning_version": lightning.__version__}, path)
+    return path
+
+
+@dataclass
+class Case:
+    """One bad input: ``prepare(work) -> command`` sets up the fault under ``work`` and returns the command."""
+
+    name: str
+    fault: str
+    prepare: Callable[[Path], list[str]]
+    expect: str  # regex the last TAIL_LINES lines must match (whitespace-normalised)
+    leftovers: Callable[[Path], list[Path]] = field(default=lambda work: [])  # what must not exist afterwards
+    env: dict[str, str] = field(default_factory=dict)
+
+
+def _checkpoints(work: Path) -> list[Path]:
+    return [p for p in (work / "out").rglob("*") if p.suffix in {".ckpt", ".tmp", ".partial"}] \
+        if (work / "out").exists() else []
+
+
+# ---------------------------------------------------------------------------------------------------- data faults
+def _missing_root(work: Path) -> list[str]:
+    return train(work / "no-such-folder", work / "out")
+
+
+def _offline_download(work: Path) -> list[str]:
+    return [*train(work / "datasets", work / "out")[:-len(data_flags(work))], *data_flags(work / "datasets", "bottle")]
+
+
+def _empty_train(work: Path) -> list[str]:
+    root = make_slice(work / "data", n_train=2, n_good=1, defects={"crack": 1})
+    for image in (root / "magnetic_tile" / "train" / "good").glob("*.png"):
+        image.unlink()
+    return train(root, work / "out")
+
+
+def _truncated_image(work: Path) -> list[str]:
+    root = make_slice(work / "data", n_train=4, n_good=1, defects={"crack": 1})
+    image = sorted((root / "magnetic_tile" / "train" / "good").glob("*.png"))[1]
+    image.write_bytes(image.read_bytes()[:200])
+    return train(root, work / "out")
+
+
+def _not_an_image(work: Path) -> list[str]:
+    root = make_slice(work / "data", n_train=4, n_good=1, defects={"crack": 1})
+    (root / "magnetic_tile" / "train" / "good" / "notes.png").write_text("not an image\n")
+    return train(root, work / "out")
+
+
+def _missing_mask(work: Path) -> list[str]:
+    root = make_slice(work / "data", n_train=4, n_good=1, defects={"crack": 2})
+    next((root / "magnetic_tile" / "ground_truth" / "crack").glob("*.png")).unlink()
+    return train(root, work / "out")
+
+
+def _mask_other_size(work: Path) -> list[str]:
+    root = make_slice(work / "data", n_train=4, n_good=1, defects={"crack": 1})
+    mask = next((root / "magnetic_tile" / "ground_truth" / "crack").glob("*.png"))
+    cv2.imwrite(str(mask), np.zeros((10, 12), np.uint8))
+    return train(root, work / "out")
+
+
+def _rgba_transparent(work: Path) -> list[str]:
+    root = make_slice(work / "data", n_train=4, n_good=1, defects={"crack": 1})
+    image = min((root / "magnetic_tile" / "train" / "good").glob("*.png"))
+    gray = cv2.imread(str(image), cv2.IMREAD_GRAYSCALE)
+    alpha = np.full_like(gray, 255)
+    alpha[: gray.shape[0] // 2] = 0
+    cv2.imwrite(str(image), np.dstack([gray, gray, gray, alpha]))
+    return train(root, work / "out")
+
+
+def _sixteen_bit(work: Path) -> list[str]:
+    root = make_slice(work / "data", n_train=4, n_good=1, defects={"crack": 1})
+    image = min((root / "magnetic_tile" / "test" / "good").glob("*.png"))
+    cv2.imwrite(str(image), cv2.imread(str(image), cv2.IMREAD_GRAYSCALE).astype(np.uint16) * 257)
+    return train(root, work / "out")
+
+
+def _float_image(work: Path) -> list[str]:
+    from PIL import Image
+
+    root = make_slice(work / "data", n_train=4, n_good=1, defects={"crack": 1})
+    image = min((root / "magnetic_tile" / "train" / "good").glob("*.png"))
+    Image.fromarray(np.random.default_rng(0).random((40, 40), np.float32), mode="F").save(image, format="TIFF")
+    return train(root, work / "out")
+
+
+def _not_png(work: Path) -> list[str]:
+    root = make_slice(work / "data", n_train=4, n_good=1, defects={"crack": 1})
+    image = min((root / "magnetic_tile" / "train" / "good").glob("*.png"))
+    cv2.imwrite(str(image.with_suffix(".jpg")), cv2.imread(str(image)))
+    return train(root, work / "out")
+
+
+def _decompression_bomb(work: Path) -> list[str]:
+    import struct
+    import zlib
+
+    root = make_slice(work / "data", n_train=4, n_good=1, defects={"crack": 1})
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    header = struct.pack(">IIBBBBB", 30000, 30000, 8, 0, 0, 0, 0)  # 30000 x 30000 8-bit grayscale: 900 Mpx
+    png = b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(b"")) + chunk(b"IEND", b"")
+    (root / "magnetic_tile" / "train" / "good" / "huge.png").write_bytes(png)
+    return train(root, work / "out")
+
+
+# ---------------------------------------------------------------------------------------------------- options
+def _patch_does_not_divide(work: Path) -> list[str]:
+    return [*train(make_slice(work / "data", 2, 1, {"crack": 1}), work / "out"), "--model.image_size", "72"]
+
+
+def _nan_learning_rate(work: Path) -> list[str]:
+    return [*train(make_slice(work / "data", 2, 1, {"crack": 1}), work / "out"), "--model.stage2_lr", ".nan"]
+
+
+def _negative_epochs(work: Path) -> list[str]:
+    return [*train(make_slice(work / "data", 2, 1, {"crack": 1}), work / "out"), "--model.stage2_epochs", "-3"]
+
+
+def _unknown_backbone(work: Path) -> list[str]:
+    return [*train(make_slice(work / "data", 2, 1, {"crack": 1}), work / "out"), "--model.backbone", "vit_giant"]
+
+
+def _missing_weights(work: Path) -> list[str]:
+    return [*train(make_slice(work / "data", 2, 1, {"crack": 1}), work / "out"),
+            "--model.weights", str(work / "mae_pretrain_vit_base.pth")]
+
+
+def _foreign_weights(work: Path) -> list[str]:
+    import torch
+
+    torch.save({"model": {"conv1.weight": torch.zeros(8, 3, 3, 3)}}, work / "resnet.pth")
+    return [*train(make_slice(work / "data", 2, 1, {"crack": 1}), work / "out"), "--model.weights",
+            str(work / "resnet.pth")]
+
+
+# ---------------------------------------------------------------------------------------------------- checkpoints
+def _checkpoint_missing(work: Path) -> list[str]:
+    return test_command(make_slice(work / "data", 2, 1, {"crack": 1}), work / "out", work / "model.ckpt")
+
+
+def _checkpoint_truncated(work: Path) -> list[str]:
+    checkpoint = tiny_checkpoint(work / "model.ckpt")
+    checkpoint.write_bytes(checkpoint.read_bytes()[: checkpoint.stat().st_size // 2])
+    return test_command(make_slice(work / "data", 2, 1, {"crack": 1}), work / "out", checkpoint)
+
+
+def _checkpoint_other_model(work: Path) -> list[str]:
+    import lightning
+    import torch
+    from anomalib.models import Padim
+
+    padim = Padim(backbone="resnet18", pre_trained=False, layers=["layer1"], n_features=32)
+    torch.save({"state_dict": padim.state_dict(), "hyper_parameters": dict(padim.hparams), "epoch": 0,
+                "global_step": 0, "pytorch-lightning_version": lightning.__version__}, work / "padim.ckpt")
+    return test_command(make_slice(work / "data", 2, 1, {"crack": 1}), work / "out", work / "padim.ckpt")
+
+
+def _checkpoint_other_size(work: Path) -> list[str]:
+    checkpoint = tiny_checkpoint(work / "model.ckpt", image_size=96)
+    return test_command(make_slice(work / "data", 2, 1, {"crack": 1}), work / "out", checkpoint)
+
+
+def _checkpoint_other_version(work: Path) -> list[str]:
+    import torch
+
+    checkpoint = tiny_checkpoint(work / "model.ckpt")
+    content = torch.load(checkpoint, weights_only=False)
+    content["state_dict"] = {k.replace("model.decoder_blocks.", "model.decoder.blocks."): v
+                             for k, v in content["state_dict"].items()}  # a layout this version does not have
+    torch.save(content, checkpoint)
+    return test_command(make_slice(work / "data", 2, 1, {"crack": 1}), work / "out", checkpoint)
+
+
+# ---------------------------------------------------------------------------------------------------- outputs
+def _unwritable_output(work: Path) -> list[str]:
+    # permission bits do not stop root, so the folder is made impossible instead: its parent is a regular file
+    (work / "results").write_text("a file, not a folder\n")
+    return train(make_slice(work / "data", 4, 1, {"crack": 1}), work / "results" / "out")
+
+
+def _disk_full(work: Path) -> list[str]:
+    # The checkpoint write fails part-way, as on a full disk: the process may not write files over 200 kB.
+    limit = "import resource, signal; signal.signal(signal.SIGXFSZ, signal.SIG_IGN); " \
+            "resource.setrlimit(resource.RLIMIT_FSIZE, (200_000, 200_000)); "
+    command = train(make_slice(work / "data", 4, 1, {"crack": 1}), work / "out")
+    return [sys.executable, "-c", limit + "import sys; from anomalib.cli.cli import main; sys.argv = sys.argv[1:]; "
+            "main()", "anomalib", *command[1:]]
+
+
+def _predict_into_used_folder(work: Path) -> list[str]:
+    root = make_slice(work / "data", 1, 1, {"crack": 1})
+    (work / "overlays").mkdir()
+    (work / "overlays" / "predictions.csv").write_text("image,score\n")
+    (work / "model.onnx").write_bytes(b"")
+    return [str(BIN / "isstad-predict"), str(work / "model.onnx"), str(root / "magnetic_tile" / "test"), "--output",
+            str(work / "overlays")]
+
+
+def _predict_missing_model(work: Path) -> list[str]:
+    root = make_slice(work / "data", 1, 1, {"crack": 1})
+    return [str(BIN / "isstad-predict"), str(work / "model.xml"), str(root / "magnetic_tile" / "test"), "--output",
+            str(work / "overlays")]
+
+
+def _no_partial_predict(work: Path) -> list[Path]:
+    return [p for p in work.glob("overlays*") if p.name != "overlays" or any(p.iterdir()) is False]
+
+
+CASES: list[Case] = [
+    Case("data-root-missing", "`--data.root` names a folder that does not exist", _missing_root,
+         r"no-such-folder/magnetic_tile does not exist.*--data\.root"),
+    Case("mvtec-download-offline", "a known MVTec AD category that is not on disk, with no network",
+         _offline_download, r"datasets/bottle does not exist.*cannot be downloaded", env={"HF_HUB_OFFLINE": "1"}),
+    Case("train-folder-empty", "`train/good` holds no images", _empty_train,
+         r"no images \(.*train/good\)"),
+    Case("image-truncated", "a truncated training image", _truncated_image, r"001\.png: cannot be read"),
+    Case("image-not-an-image", "a text file saved as `.png`", _not_an_image, r"notes\.png: cannot be read"),
+    Case("mask-missing", "a defective test image without its mask file", _missing_mask,
+         r"ground_truth/crack/\w+_mask\.png.*missing"),
+    Case("mask-other-size", "a mask of another size than its image", _mask_other_size,
+         r"_mask\.png: mask is 12x10 but its image"),
+    Case("image-rgba-transparent", "an RGBA image with transparent pixels", _rgba_transparent,
+         r"000\.png: transparent pixels"),
+    Case("image-16-bit", "a 16-bit image with values above 255", _sixteen_bit, r"16-bit image .* convert it to 8-bit"),
+    Case("image-float", "a 32-bit float image (TIFF data under a `.png` name)", _float_image,
+         r"000\.png: unsupported pixel mode 'F'"),
+    Case("image-not-png", "a `.jpg` among the `.png` files (anomalib's MVTec AD reads only `.png`)", _not_png,
+         r"000\.jpg.*only \.png"),
+    Case("image-decompression-bomb", "a PNG header claiming 30000 x 30000 pixels", _decompression_bomb,
+         r"huge\.png: .*900 megapixels"),
+    Case("image-size-patch", "`--model.image_size 72` with 16 px patches", _patch_does_not_divide,
+         r"image_size=72 is not a multiple of patch_size=16"),
+    Case("learning-rate-nan", "`--model.stage2_lr .nan`", _nan_learning_rate, r"stage2_lr must be a finite number > 0"),
+    Case("epochs-negative", "`--model.stage2_epochs -3`", _negative_epochs, r"stage2_epochs >= 1, got .*-3"),
+    Case("backbone-unknown", "`--model.backbone vit_giant`", _unknown_backbone, r"backbone 'vit_giant'.*one of"),
+    Case("weights-missing", "`--model.weights` names a file that does not exist", _missing_weights,
+         r"mae_pretrain_vit_base\.pth"),
+    Case("weights-foreign", "`--model.weights` is a ResNet state dict", _foreign_weights, r"resnet\.pth"),
+    Case("checkpoint-missing", "`--ckpt_path` names a file that does not exist", _checkpoint_missing,
+         r"(not found: |file ).*model\.ckpt"),
+    Case("checkpoint-truncated", "a truncated checkpoint (an interrupted copy)", _checkpoint_truncated,
+         r"model\.ckpt.*(truncated|cannot be read)"),
+    Case("checkpoint-other-model", "a checkpoint of anomalib's Padim", _checkpoint_other_model,
+         r"not written by Isstad"),
+    Case("checkpoint-other-size", "a checkpoint trained at `image_size` 96, tested at 64", _checkpoint_other_size,
+         r"image_size.*96.*64"),
+    Case("checkpoint-other-version", "a checkpoint whose network layout another version wrote",
+         _checkpoint_other_version, r"model\.ckpt.*(layout|keys)"),
+    Case("output-unwritable", "`--default_root_dir` cannot be created (anomalib's own message)", _unwritable_output,
+         r"Not a directory: .*results/out", leftovers=_checkpoints),
+    Case("disk-full", "the disk fills while a checkpoint is written", _disk_full,
+         r"\.ckpt.*(disk|File too large)", leftovers=_checkpoints),
+    Case("predict-output-used", "`isstad-predict` into a folder that holds an earlier run", _predict_into_used_folder,
+         r"overlays.*--overwrite"),
+    Case("predict-model-missing", "`isstad-predict` with a model file that does not exist", _predict_missing_model,
+         r"model\.xml does not exist"),
+]
+
+OTHER_TESTS = [
+    ("SIGKILL in stage 1 and in stage 2, then `--ckpt_path` to resume", "resumes in the recorded stage and epoch",
+     "tests/test_reliability.py::test_sigkill_in_stage_1_and_stage_2_then_resume"),
+    ("a NaN loss (learning rate far too high)", "stops at once, naming the step, the stage and the likely causes",
+     "tests/test_reliability.py::test_nan_loss_stops_training_with_step_and_cause"),
+    ("`isstad-predict` on folders holding non-image files", "lists every skipped file",
+     "tests/test_export.py"),
+]
+
+
+@dataclass
+class Outcome:
+    case: Case
+    returncode: int
+    tail: list[str]
+    leftovers: list[Path]
+    seconds: float
+
+    @property
+    def ok(self) -> bool:
+        return (self.returncode != 0 and not self.leftovers
+                and re.search(self.case.expect, " ".join(" ".join(self.tail).split())) is not None)
+
+
+def tail(output: str, lines: int = TAIL_LINES) -> list[str]:
+    """The last ``lines`` non-blank lines of ``output``."""
+    return [line.rstrip() for line in output.splitlines() if line.strip()][-lines:]
+
+
+def run_case(case: Case, work: Path, timeout: int = 300) -> Outcome:
+    """Prepare and run one case in ``work`` (a fresh folder)."""
+    work.mkdir(parents=True, exist_ok=True)
+    command = case.prepare(work)
+    env = {**os.environ, "COLUMNS": "120", **case.env}
+    start = time.perf_counter()
+    result = subprocess.run(command, capture_output=True, text=True, cwd=work, env=env, timeout=timeout, check=False)
+    seconds = time.perf_counter() - start
+    out = work / "out"
+    if out.exists():
+        out.chmod(0o755)
+    output = (result.stdout + result.stderr).replace(str(work), "<work>")
+    return Outcome(case, result.returncode, tail(output), case.leftovers(work), seconds)
+
+
+def pinned_by(case: Case) -> str:
+    """The pytest id of ``case``'s test."""
+    return f"tests/test_bad_inputs.py::test_bad_input_fails_clearly[{case.name}]"
+
+
+def write_page(outcomes: list[Outcome], page: Path = PAGE) -> None:
+    """Replace the table of ``page`` (below :data:`MARKER`) by the measured outcomes."""
+    head = page.read_text().split(MARKER)[0] if page.exists() else "# Reliability\n\n"
+    rows = ["| # | fault | what the user sees: the message ending the output (`<work>`: the case's folder) | test |",
+            "|---|---|---|---|"]
+    for i, outcome in enumerate(outcomes, 1):
+        starts = [j for j, line in enumerate(outcome.tail) if MESSAGE_START.match(line)]
+        message = outcome.tail[starts[-1] if starts else 0:]
+        seen = " ".join(" ".join(message).split()).replace("|", "\\|")
+        status = "" if outcome.ok else " **(FAILS)**"
+        rows.append(f"| {i} | {outcome.case.fault}{status} | {seen} | `{pinned_by(outcome.case)}` |")
+    for j, (fault, seen, test) in enumerate(OTHER_TESTS, len(outcomes) + 1):
+        rows.append(f"| {j} | {fault} | {seen} | `{test}` |")
+    page.write_text(f"{head}{MARKER}\n\n" + "\n".join(rows) + "\n")
+
+
+def main(argv: list[str] | None = None) -> int:
+    import tempfile
+
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--only", nargs="+", help="case names to run (default: all)")
+    parser.add_argument("--publish", action="store_true", help=f"write the table of {PAGE.relative_to(REPO)}")
+    args = parser.parse_args(argv)
+    cases = [c for c in CASES if not args.only or c.name in args.only]
+    outcomes = []
+    with tempfile.TemporaryDirectory() as tmp:
+        for case in cases:
+            outcome = run_case(case, Path(tmp) / case.name)
+            outcomes.append(outcome)
+            print(f"{'ok  ' if outcome.ok else 'FAIL'} {case.name} (rc {outcome.returncode}, {outcome.seconds:.0f} s)"
+                  + "".join(f"\n     | {line}" for line in outcome.tail)
+                  + (f"\n     leftovers: {outcome.leftovers}" if outcome.leftovers else ""), flush=True)
+    if args.publish:
+        write_page(outcomes)
+    return 0 if all(o.ok for o in outcomes) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
