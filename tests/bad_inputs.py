@@ -256,6 +256,20 @@ def _disk_full(work: Path) -> list[str]:
             "main()", "anomalib", *command[1:]]
 
 
+def _export_interrupted(work: Path) -> list[str]:
+    # the export fails part-way as on a full disk: no file over 1 MB may be written (the weights are ~20 MB)
+    checkpoint = tiny_checkpoint(work / "model.ckpt")
+    limit = "import resource, signal; signal.signal(signal.SIGXFSZ, signal.SIG_IGN); " \
+            "resource.setrlimit(resource.RLIMIT_FSIZE, (1_000_000, 1_000_000)); "
+    return [sys.executable, "-c", limit + "import sys; from anomalib.cli.cli import main; sys.argv = sys.argv[1:]; "
+            "main()", "anomalib", "export", "--model", "isstad", *MODEL_FLAGS, "--ckpt_path", str(checkpoint),
+            "--export_type", "openvino", "--default_root_dir", str(work / "export")]
+
+
+def _partial_export(work: Path) -> list[Path]:
+    return [p for p in (work / "export").rglob("*") if p.is_file()] if (work / "export").exists() else []
+
+
 def _predict_into_used_folder(work: Path) -> list[str]:
     root = make_slice(work / "data", 1, 1, {"crack": 1})
     (work / "overlays").mkdir()
@@ -319,6 +333,8 @@ CASES: list[Case] = [
          r"Not a directory: .*results/out", leftovers=_checkpoints),
     Case("disk-full", "the disk fills while a checkpoint is written", _disk_full,
          r"\.ckpt.*(disk|File too large)", leftovers=_checkpoints),
+    Case("export-interrupted", "`anomalib export` fails part-way (the disk fills)", _export_interrupted,
+         r"Export into <work>/export failed.*nothing was written there", leftovers=_partial_export),
     Case("predict-output-used", "`isstad-predict` into a folder that holds an earlier run", _predict_into_used_folder,
          r"overlays.*--overwrite"),
     Case("predict-model-missing", "`isstad-predict` with a model file that does not exist", _predict_missing_model,

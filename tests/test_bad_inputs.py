@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.bad_inputs import CASES, MARKER, PAGE, TAIL_LINES, run_case, pinned_by
+from tests.bad_inputs import CASES, MARKER, PAGE, TAIL_LINES, pinned_by, run_case
 
 
 @pytest.mark.parametrize("case", CASES, ids=[case.name for case in CASES])

@@ -50,6 +50,7 @@ from isstad_plugin.models.checkpoints import (
     use_safe_checkpoint_io,
 )
 from isstad_plugin.models.evaluation import image_and_pixel_evaluator
+from isstad_plugin.models.export import export_atomically
 from isstad_plugin.models.resume import keep_trained_network, remember_fit
 from isstad_plugin.transforms import transform_leaves
 
@@ -223,6 +224,19 @@ class Cutpaste(AnomalibModule):
         """Record the plugin version that wrote the checkpoint."""
         super().on_save_checkpoint(checkpoint)
         checkpoint[VERSION_KEY] = plugin_version()
+
+    # ------------------------------------------------------------------ export (see isstad_plugin.models.export)
+    def to_torch(self, export_root: str | Path, *args: Any, **kwargs: Any) -> Path:  # noqa: ANN401
+        """anomalib's ``to_torch``, written atomically."""
+        return export_atomically(super().to_torch, export_root, *args, **kwargs)
+
+    def to_onnx(self, export_root: str | Path, *args: Any, **kwargs: Any) -> Path:  # noqa: ANN401
+        """anomalib's ``to_onnx``, written atomically."""
+        return export_atomically(super().to_onnx, export_root, *args, **kwargs)
+
+    def to_openvino(self, export_root: str | Path, *args: Any, **kwargs: Any) -> Path:  # noqa: ANN401
+        """anomalib's ``to_openvino``, written atomically."""
+        return export_atomically(super().to_openvino, export_root, *args, **kwargs)
 
     @classmethod
     def load_from_checkpoint(cls, checkpoint_path: Any, *args: Any, **kwargs: Any) -> Cutpaste:  # noqa: ANN401

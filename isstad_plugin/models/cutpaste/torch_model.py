@@ -20,11 +20,11 @@ from collections.abc import Sequence
 from typing import NamedTuple
 
 import timm
-from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 import torch
 import torch.nn.functional as F  # noqa: N812
 from anomalib.data import InferenceBatch
 from anomalib.models.components import GaussianBlur2d
+from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from torch import Tensor, nn
 
 from .density import GaussianDensity

@@ -45,6 +45,7 @@ from isstad_plugin.models.checkpoints import (
     use_safe_checkpoint_io,
 )
 from isstad_plugin.models.evaluation import image_and_pixel_evaluator
+from isstad_plugin.models.export import export_atomically
 from isstad_plugin.models.resume import keep_trained_network, remember_fit
 from isstad_plugin.transforms import transform_leaves
 
@@ -270,13 +271,14 @@ class Isstad(AnomalibModule):
 
     def to_onnx(self, export_root: Path | str, model_file_name: str = "model",
                 input_size: tuple[int, int] | None = None, **kwargs) -> Path:
-        """Export with a fixed spatial size (the training size unless given) and a dynamic batch.
+        """Export with a fixed spatial size (the training size unless given) and a dynamic batch, written
+        atomically (:mod:`isstad_plugin.models.export`).
 
         The network's position embeddings are built for ``image_size``; the graph holds the resize to it.
         """
         size = tuple(input_size) if input_size is not None else (self.hparams.image_size,) * 2
         kwargs.setdefault("opset_version", 18)  # the dynamo exporter's own opset: no lossy down-conversion step
-        return super().to_onnx(export_root, model_file_name, size, **kwargs)
+        return export_atomically(super().to_onnx, export_root, model_file_name, size, **kwargs)
 
     @property
     def learning_type(self) -> LearningType:
@@ -400,6 +402,15 @@ class Isstad(AnomalibModule):
     def on_fit_end(self) -> None:
         """Remember that the fit finished (see :mod:`isstad_plugin.models.resume`)."""
         remember_fit(self, finished=True)
+
+    # ------------------------------------------------------------------ export (see isstad_plugin.models.export)
+    def to_torch(self, export_root: str | Path, *args: Any, **kwargs: Any) -> Path:  # noqa: ANN401
+        """anomalib's ``to_torch``, written atomically."""
+        return export_atomically(super().to_torch, export_root, *args, **kwargs)
+
+    def to_openvino(self, export_root: str | Path, *args: Any, **kwargs: Any) -> Path:  # noqa: ANN401
+        """anomalib's ``to_openvino``, written atomically."""
+        return export_atomically(super().to_openvino, export_root, *args, **kwargs)
 
     @classmethod
     def load_from_checkpoint(cls, checkpoint_path: Any, *args: Any, **kwargs: Any) -> Isstad:  # noqa: ANN401

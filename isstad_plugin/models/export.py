@@ -1,0 +1,67 @@
+"""Exports that never leave a half-written model looking complete.
+
+anomalib's ``to_onnx``/``to_openvino``/``to_torch`` write straight into ``<export_root>/weights/<type>/``: an export
+killed or failing part-way (full disk, SIGKILL) can leave a ``model.bin`` without its ``model.xml``, or a new
+``model.bin`` beside an old ``model.xml``. :func:`export_atomically` runs anomalib's export into a hidden staging
+folder inside ``export_root`` and then moves the files into place, the model file (``.xml``/``.onnx``/``.pt``)
+last and only after the old one was removed, so a folder with a model file always holds a complete export.
+
+Example:
+    >>> def to_openvino(self, export_root, *args, **kwargs):
+    ...     return export_atomically(super().to_openvino, export_root, *args, **kwargs)
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+
+_depth = 0  # exports in progress: to_openvino runs to_onnx inside itself
+
+
+class ExportError(OSError):
+    """An export failed part-way; nothing of it was left in the export folder."""
+
+
+def export_atomically(export: Callable[..., Path], export_root: str | Path, *args: Any, **kwargs: Any) -> Path:  # noqa: ANN401
+    """Run ``export(staging_root, *args, **kwargs)`` and move its output under ``export_root``.
+
+    Returns:
+        The exported model file, at its final place (``<export_root>/weights/<type>/<name>.<ext>``).
+
+    Raises:
+        ExportError: when the export fails on a file-system error, naming ``export_root``; nothing of this export
+            is left there.
+    """
+    global _depth  # noqa: PLW0603
+    export_root = Path(export_root)
+    export_root.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=".export-", suffix=".partial", dir=export_root))
+    _depth += 1
+    try:
+        try:
+            staged_model = Path(export(staging, *args, **kwargs))
+        except OSError as error:
+            if _depth > 1:
+                raise  # a nested export (to_openvino's ONNX step into a temporary folder): the outer one reports
+            msg = (f"Export into {export_root} failed ({error.strerror or error}): nothing was written there; free "
+                   "disk space or choose another --default_root_dir, and export again.")
+            raise ExportError(msg) from error
+        relative = staged_model.parent.relative_to(staging)
+        target = export_root / relative
+        target.mkdir(parents=True, exist_ok=True)
+        final_model = target / staged_model.name
+        final_model.unlink(missing_ok=True)  # a model file must never sit beside another export's weights
+        for file in sorted(staged_model.parent.iterdir()):
+            if file != staged_model:
+                os.replace(file, target / file.name)
+        os.replace(staged_model, final_model)
+        return final_model
+    finally:
+        _depth -= 1
+        shutil.rmtree(staging, ignore_errors=True)
