@@ -20,7 +20,6 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-
 _depth = 0  # exports in progress: to_openvino runs to_onnx inside itself
 
 

@@ -270,22 +270,24 @@ class Cutpaste(AnomalibModule):
         scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=total_steps)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
 
-    def train(self, mode: bool = True) -> Cutpaste:
-        """As ``nn.Module.train``; a frozen backbone stays in eval mode, and so do its BatchNorm layers under
-        ``freeze_batchnorm``."""
-        super().train(mode)
-        if mode and self.hparams.get("backbone_lr_scale", 1.0) == 0:
+    def _keep_backbone_statistics(self) -> None:
+        """A frozen backbone runs in eval mode, and so do its BatchNorm layers under ``freeze_batchnorm``.
+
+        Set before every training step: Lightning switches modules back to train mode after each validation
+        (restoring each submodule's flag directly, so overriding ``train()`` would not hold).
+        """
+        if self.hparams.backbone_lr_scale == 0:
             self.model.backbone.eval()
-        elif mode and self.hparams.get("freeze_batchnorm", False):
+        elif self.hparams.freeze_batchnorm:
             for module in self.model.backbone.modules():
                 if isinstance(module, nn.modules.batchnorm._BatchNorm):
                     module.eval()
-        return self
 
     # ------------------------------------------------------------------ steps
     def training_step(self, batch: Batch, *args, **kwargs) -> STEP_OUTPUT:
         """3-way cross-entropy on the images and, weighted by ``patch_loss_weight``, on one crop per image."""
         del args, kwargs
+        self._keep_backbone_statistics()
         images = batch.image
         augmented, labels = self.augmentation(images)
         loss = F.cross_entropy(self.model(augmented).logits, labels)

@@ -62,5 +62,8 @@ def test_one_epoch_keeps_the_untrained_features_density_and_detects(defects_root
     engine = Engine(default_root_dir=tmp_path, accelerator="cpu", devices=1, logger=False, enable_progress_bar=False)
     engine.fit(model=model, datamodule=datamodule)
     trained = image_auroc(model, datamodule)
+    # a frozen backbone keeps its weights and its BatchNorm statistics, whatever Lightning does to module modes
+    for name, value in untrained.model.backbone.state_dict().items():
+        torch.testing.assert_close(model.model.backbone.state_dict()[name], value, rtol=0, atol=0, msg=name)
     assert trained >= floor - FLOOR_MARGIN, f"training lowered the density's image AUROC: {floor:.3f} -> {trained:.3f}"
     assert trained >= 0.5 + CHANCE_MARGIN, f"image AUROC {trained:.3f} (untrained backbone: {floor:.3f})"
