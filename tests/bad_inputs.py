@@ -247,23 +247,26 @@ def _unwritable_output(work: Path) -> list[str]:
     return train(make_slice(work / "data", 4, 1, {"crack": 1}), work / "results" / "out")
 
 
+def with_file_size_limit(command: list[str], limit: int) -> list[str]:
+    """``anomalib`` ``command`` in a process that may not write files over ``limit`` bytes: writes then fail
+    part-way with ``EFBIG``, as they would on a full disk."""
+    code = ("import resource, signal, sys; signal.signal(signal.SIGXFSZ, signal.SIG_IGN); "
+            f"resource.setrlimit(resource.RLIMIT_FSIZE, ({limit}, {limit})); "
+            "from anomalib.cli.cli import main; sys.argv = sys.argv[1:]; main()")
+    return [sys.executable, "-c", code, "anomalib", *command[1:]]
+
+
 def _disk_full(work: Path) -> list[str]:
-    # The checkpoint write fails part-way, as on a full disk: the process may not write files over 200 kB.
-    limit = "import resource, signal; signal.signal(signal.SIGXFSZ, signal.SIG_IGN); " \
-            "resource.setrlimit(resource.RLIMIT_FSIZE, (200_000, 200_000)); "
-    command = train(make_slice(work / "data", 4, 1, {"crack": 1}), work / "out")
-    return [sys.executable, "-c", limit + "import sys; from anomalib.cli.cli import main; sys.argv = sys.argv[1:]; "
-            "main()", "anomalib", *command[1:]]
+    # a checkpoint is ~20 MB
+    return with_file_size_limit(train(make_slice(work / "data", 4, 1, {"crack": 1}), work / "out"), 200_000)
 
 
 def _export_interrupted(work: Path) -> list[str]:
-    # the export fails part-way as on a full disk: no file over 1 MB may be written (the weights are ~20 MB)
+    # the weights are ~20 MB: the export fails part-way, as on a full disk
     checkpoint = tiny_checkpoint(work / "model.ckpt")
-    limit = "import resource, signal; signal.signal(signal.SIGXFSZ, signal.SIG_IGN); " \
-            "resource.setrlimit(resource.RLIMIT_FSIZE, (1_000_000, 1_000_000)); "
-    return [sys.executable, "-c", limit + "import sys; from anomalib.cli.cli import main; sys.argv = sys.argv[1:]; "
-            "main()", "anomalib", "export", "--model", "isstad", *MODEL_FLAGS, "--ckpt_path", str(checkpoint),
-            "--export_type", "openvino", "--default_root_dir", str(work / "export")]
+    command = ["anomalib", "export", "--model", "isstad", *MODEL_FLAGS, "--ckpt_path", str(checkpoint),
+               "--export_type", "openvino", "--default_root_dir", str(work / "export")]
+    return with_file_size_limit(command, 1_000_000)
 
 
 def _partial_export(work: Path) -> list[Path]:
@@ -361,8 +364,9 @@ class Outcome:
 
     @property
     def ok(self) -> bool:
-        return (self.returncode != 0 and not self.leftovers
-                and re.search(self.case.expect, " ".join(" ".join(self.tail).split())) is not None)
+        # whitespace-insensitive: Rich wraps long tokens (paths) anywhere, so the pattern's spaces are dropped too
+        text = "".join("".join(self.tail).split())
+        return self.returncode != 0 and not self.leftovers and re.search(self.case.expect.replace(" ", ""), text) is not None
 
 
 def tail(output: str, lines: int = TAIL_LINES) -> list[str]:
@@ -391,17 +395,28 @@ def pinned_by(case: Case) -> str:
 
 
 def write_page(outcomes: list[Outcome], page: Path = PAGE) -> None:
-    """Replace the table of ``page`` (below :data:`MARKER`) by the measured outcomes."""
-    head = page.read_text().split(MARKER)[0] if page.exists() else "# Reliability\n\n"
+    """Write the table of ``page`` (below :data:`MARKER`): one row per case, in :data:`CASES` order, from
+    ``outcomes``; cases not run this time keep their row from the page (so ``--only`` updates some rows)."""
+    text = page.read_text() if page.exists() else "# Reliability\n\n"
+    head, _, table = text.partition(MARKER)
+    earlier = {case.name: line.split(" | ", 2)[2].rsplit(" | ", 1)[0] for line in table.splitlines()
+               for case in CASES if f"`{pinned_by(case)}`" in line}
+    measured = {outcome.case.name: outcome for outcome in outcomes}
     rows = ["| # | fault | what the user sees: the message ending the output (`<work>`: the case's folder) | test |",
             "|---|---|---|---|"]
-    for i, outcome in enumerate(outcomes, 1):
-        starts = [j for j, line in enumerate(outcome.tail) if MESSAGE_START.match(line)]
-        message = outcome.tail[starts[-1] if starts else 0:]
-        seen = " ".join(" ".join(message).split()).replace("|", "\\|")
-        status = "" if outcome.ok else " **(FAILS)**"
-        rows.append(f"| {i} | {outcome.case.fault}{status} | {seen} | `{pinned_by(outcome.case)}` |")
-    for j, (fault, seen, test) in enumerate(OTHER_TESTS, len(outcomes) + 1):
+    for i, case in enumerate(CASES, 1):
+        outcome = measured.get(case.name)
+        if outcome is None and case.name not in earlier:
+            continue
+        if outcome is None:
+            status, seen = "", earlier[case.name]
+        else:
+            starts = [j for j, line in enumerate(outcome.tail) if MESSAGE_START.match(line)]
+            message = outcome.tail[starts[-1] if starts else 0:]
+            seen = " ".join(" ".join(message).split()).replace("|", "\\|")
+            status = "" if outcome.ok else " **(FAILS)**"
+        rows.append(f"| {i} | {case.fault}{status} | {seen} | `{pinned_by(case)}` |")
+    for j, (fault, seen, test) in enumerate(OTHER_TESTS, len(rows) - 1):
         rows.append(f"| {j} | {fault} | {seen} | `{test}` |")
     page.write_text(f"{head}{MARKER}\n\n" + "\n".join(rows) + "\n")
 
@@ -411,7 +426,8 @@ def main(argv: list[str] | None = None) -> int:
 
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--only", nargs="+", help="case names to run (default: all)")
-    parser.add_argument("--publish", action="store_true", help=f"write the table of {PAGE.relative_to(REPO)}")
+    parser.add_argument("--publish", action="store_true",
+                        help=f"write the table of {PAGE.relative_to(REPO)} (rows of cases not run are kept)")
     args = parser.parse_args(argv)
     cases = [c for c in CASES if not args.only or c.name in args.only]
     outcomes = []

@@ -3,6 +3,8 @@ file or option and the fix in the last 5 lines, nothing half-written left (cases
 
 from __future__ import annotations
 
+import shutil
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -11,8 +13,12 @@ from tests.bad_inputs import CASES, MARKER, PAGE, TAIL_LINES, pinned_by, run_cas
 
 
 @pytest.mark.parametrize("case", CASES, ids=[case.name for case in CASES])
-def test_bad_input_fails_clearly(case, tmp_path: Path) -> None:  # noqa: ANN001
-    outcome = run_case(case, tmp_path / case.name)
+def test_bad_input_fails_clearly(case) -> None:  # noqa: ANN001
+    work = Path(tempfile.mkdtemp(prefix="bad-"))  # a short path, as a user's would be (pytest's are ~90 characters)
+    try:
+        outcome = run_case(case, work / case.name)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
     shown = "\n".join(outcome.tail)
     assert outcome.returncode != 0, f"{case.name}: the command succeeded; last lines:\n{shown}"
     assert outcome.ok, (f"{case.name}: expected /{case.expect}/ in the last {TAIL_LINES} lines; got:\n{shown}\n"

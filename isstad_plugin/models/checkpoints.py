@@ -157,9 +157,9 @@ def check_compatible(model: nn.Module, checkpoint: dict[str, Any], options: Iter
         raise ValueError(msg)
     written_by = checkpoint.get(VERSION_KEY, "an unknown (older) version")
     details = "; ".join(part for part in (
-        f"missing {', '.join(missing[:3])}{' ...' if len(missing) > 3 else ''}" if missing else "",
-        f"unexpected {', '.join(unexpected[:3])}{' ...' if len(unexpected) > 3 else ''}" if unexpected else "",
-        f"other shapes {', '.join(mismatched[:3])}" if mismatched else "") if part)
+        f"{len(missing)} keys missing, e.g. {missing[0]}" if missing else "",
+        f"{len(unexpected)} unexpected, e.g. {unexpected[0]}" if unexpected else "",
+        f"{len(mismatched)} of other shapes, e.g. {mismatched[0]}" if mismatched else "") if part)
     msg = (f"The {name} holds a network of another layout than this model's ({details}). It was written by "
            f"isstad-plugin {written_by}; this is {plugin_version()}: load it with that version, or train again.")
     raise ValueError(msg)

@@ -6,9 +6,11 @@ killed or failing part-way (full disk, SIGKILL) can leave a ``model.bin`` withou
 folder inside ``export_root`` and then moves the files into place, the model file (``.xml``/``.onnx``/``.pt``)
 last and only after the old one was removed, so a folder with a model file always holds a complete export.
 
+:class:`SafeFilesMixin` gives both plugin models these exports and a ``load_from_checkpoint`` that names a truncated
+file.
+
 Example:
-    >>> def to_openvino(self, export_root, *args, **kwargs):
-    ...     return export_atomically(super().to_openvino, export_root, *args, **kwargs)
+    >>> class Isstad(SafeFilesMixin, AnomalibModule): ...
 """
 
 from __future__ import annotations
@@ -19,6 +21,8 @@ import tempfile
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
+
+from isstad_plugin.models.checkpoints import check_checkpoint_file
 
 _depth = 0  # exports in progress: to_openvino runs to_onnx inside itself
 
@@ -64,3 +68,27 @@ def export_atomically(export: Callable[..., Path], export_root: str | Path, *arg
     finally:
         _depth -= 1
         shutil.rmtree(staging, ignore_errors=True)
+
+
+class SafeFilesMixin:
+    """For an ``AnomalibModule`` (listed before it in the bases): anomalib's exports written atomically, and
+    ``load_from_checkpoint`` (used by ``anomalib export``) failing with the file's name on a truncated file."""
+
+    def to_torch(self, export_root: str | Path, *args: Any, **kwargs: Any) -> Path:  # noqa: ANN401
+        """anomalib's ``to_torch``, written atomically."""
+        return export_atomically(super().to_torch, export_root, *args, **kwargs)
+
+    def to_onnx(self, export_root: str | Path, *args: Any, **kwargs: Any) -> Path:  # noqa: ANN401
+        """anomalib's ``to_onnx``, written atomically."""
+        return export_atomically(super().to_onnx, export_root, *args, **kwargs)
+
+    def to_openvino(self, export_root: str | Path, *args: Any, **kwargs: Any) -> Path:  # noqa: ANN401
+        """anomalib's ``to_openvino``, written atomically."""
+        return export_atomically(super().to_openvino, export_root, *args, **kwargs)
+
+    @classmethod
+    def load_from_checkpoint(cls, checkpoint_path: Any, *args: Any, **kwargs: Any) -> Any:  # noqa: ANN401
+        """Lightning's ``load_from_checkpoint``, after checking that a local file is a complete checkpoint."""
+        if isinstance(checkpoint_path, str | Path) and "://" not in str(checkpoint_path):
+            check_checkpoint_file(checkpoint_path)
+        return super().load_from_checkpoint(checkpoint_path, *args, **kwargs)

@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import copy
 import logging
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -43,14 +42,13 @@ from isstad_plugin.errors import input_error
 from isstad_plugin.models.arguments import check_numbers
 from isstad_plugin.models.checkpoints import (
     VERSION_KEY,
-    check_checkpoint_file,
     check_compatible,
     check_writable,
     plugin_version,
     use_safe_checkpoint_io,
 )
 from isstad_plugin.models.evaluation import image_and_pixel_evaluator
-from isstad_plugin.models.export import export_atomically
+from isstad_plugin.models.export import SafeFilesMixin
 from isstad_plugin.models.resume import keep_trained_network, remember_fit
 from isstad_plugin.transforms import transform_leaves
 
@@ -64,7 +62,7 @@ LIGHTNING_DEFAULT_MAX_EPOCHS = 1000
 NETWORK_OPTIONS = ("backbone", "head_layers")
 
 
-class Cutpaste(AnomalibModule):
+class Cutpaste(SafeFilesMixin, AnomalibModule):
     """CutPaste: self-supervised learning for anomaly detection and localisation (Li et al., CVPR 2021).
 
     Defaults are the paper's setting (ResNet-18 from ImageNet, 256 px, 32 px patches at stride 4, SGD 0.03).
@@ -224,26 +222,6 @@ class Cutpaste(AnomalibModule):
         """Record the plugin version that wrote the checkpoint."""
         super().on_save_checkpoint(checkpoint)
         checkpoint[VERSION_KEY] = plugin_version()
-
-    # ------------------------------------------------------------------ export (see isstad_plugin.models.export)
-    def to_torch(self, export_root: str | Path, *args: Any, **kwargs: Any) -> Path:  # noqa: ANN401
-        """anomalib's ``to_torch``, written atomically."""
-        return export_atomically(super().to_torch, export_root, *args, **kwargs)
-
-    def to_onnx(self, export_root: str | Path, *args: Any, **kwargs: Any) -> Path:  # noqa: ANN401
-        """anomalib's ``to_onnx``, written atomically."""
-        return export_atomically(super().to_onnx, export_root, *args, **kwargs)
-
-    def to_openvino(self, export_root: str | Path, *args: Any, **kwargs: Any) -> Path:  # noqa: ANN401
-        """anomalib's ``to_openvino``, written atomically."""
-        return export_atomically(super().to_openvino, export_root, *args, **kwargs)
-
-    @classmethod
-    def load_from_checkpoint(cls, checkpoint_path: Any, *args: Any, **kwargs: Any) -> Cutpaste:  # noqa: ANN401
-        """Lightning's ``load_from_checkpoint``, after checking that a local file is a complete checkpoint."""
-        if isinstance(checkpoint_path, str | Path) and "://" not in str(checkpoint_path):
-            check_checkpoint_file(checkpoint_path)
-        return super().load_from_checkpoint(checkpoint_path, *args, **kwargs)
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         """A checkpoint of another network shape is refused naming the option; a model restored from a checkpoint

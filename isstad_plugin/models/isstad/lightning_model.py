@@ -38,14 +38,13 @@ from isstad_plugin.errors import input_error
 from isstad_plugin.models.arguments import check_numbers
 from isstad_plugin.models.checkpoints import (
     VERSION_KEY,
-    check_checkpoint_file,
     check_compatible,
     check_writable,
     plugin_version,
     use_safe_checkpoint_io,
 )
 from isstad_plugin.models.evaluation import image_and_pixel_evaluator
-from isstad_plugin.models.export import export_atomically
+from isstad_plugin.models.export import SafeFilesMixin
 from isstad_plugin.models.resume import keep_trained_network, remember_fit
 from isstad_plugin.transforms import transform_leaves
 
@@ -67,7 +66,7 @@ NORMALIZATIONS: dict[str, dict[str, tuple[float, float, float]]] = {
 }
 
 
-class Isstad(AnomalibModule):
+class Isstad(SafeFilesMixin, AnomalibModule):
     """ISSTAD: incremental self-supervised learning based on transformer for anomaly detection.
 
     Defaults are the paper's setting (ViT-L/16 at 224 px, 305 + 200 epochs).
@@ -272,13 +271,13 @@ class Isstad(AnomalibModule):
     def to_onnx(self, export_root: Path | str, model_file_name: str = "model",
                 input_size: tuple[int, int] | None = None, **kwargs) -> Path:
         """Export with a fixed spatial size (the training size unless given) and a dynamic batch, written
-        atomically (:mod:`isstad_plugin.models.export`).
+        atomically (:class:`~isstad_plugin.models.export.SafeFilesMixin`).
 
         The network's position embeddings are built for ``image_size``; the graph holds the resize to it.
         """
         size = tuple(input_size) if input_size is not None else (self.hparams.image_size,) * 2
         kwargs.setdefault("opset_version", 18)  # the dynamo exporter's own opset: no lossy down-conversion step
-        return export_atomically(super().to_onnx, export_root, model_file_name, size, **kwargs)
+        return super().to_onnx(export_root, model_file_name, size, **kwargs)
 
     @property
     def learning_type(self) -> LearningType:
@@ -319,11 +318,12 @@ class Isstad(AnomalibModule):
         overwritten by the checkpoint; a missing file is tolerated until the restore, and the run fails in its
         first ``on_*_start`` hook if no checkpoint provided the network.
         """
-        use_safe_checkpoint_io(self.trainer)
-        if stage == "fit":
+        if self._trainer is not None:
+            use_safe_checkpoint_io(self.trainer)
+        if stage == "fit" and self._trainer is not None:
             checkpoint = self.trainer.checkpoint_callback
             check_writable(getattr(checkpoint, "dirpath", None) or self.trainer.default_root_dir)
-        if stage == "fit" and self.trainer.datamodule is not None:
+        if stage == "fit" and self._trainer is not None and self.trainer.datamodule is not None:
             self._check_data("train", "val")
             logger.info("ISSTAD: %s", cache_train_data(self.trainer.datamodule, self.hparams.train_cache_gb))
         if self.hparams.weights is None or self._weights_status in {"loaded", "checkpoint"}:
@@ -402,23 +402,6 @@ class Isstad(AnomalibModule):
     def on_fit_end(self) -> None:
         """Remember that the fit finished (see :mod:`isstad_plugin.models.resume`)."""
         remember_fit(self, finished=True)
-
-    # ------------------------------------------------------------------ export (see isstad_plugin.models.export)
-    def to_torch(self, export_root: str | Path, *args: Any, **kwargs: Any) -> Path:  # noqa: ANN401
-        """anomalib's ``to_torch``, written atomically."""
-        return export_atomically(super().to_torch, export_root, *args, **kwargs)
-
-    def to_openvino(self, export_root: str | Path, *args: Any, **kwargs: Any) -> Path:  # noqa: ANN401
-        """anomalib's ``to_openvino``, written atomically."""
-        return export_atomically(super().to_openvino, export_root, *args, **kwargs)
-
-    @classmethod
-    def load_from_checkpoint(cls, checkpoint_path: Any, *args: Any, **kwargs: Any) -> Isstad:  # noqa: ANN401
-        """Lightning's ``load_from_checkpoint`` (used by ``anomalib export``), after checking that a local file
-        is a complete checkpoint, so a truncated one fails naming the file."""
-        if isinstance(checkpoint_path, str | Path) and "://" not in str(checkpoint_path):
-            check_checkpoint_file(checkpoint_path)
-        return super().load_from_checkpoint(checkpoint_path, *args, **kwargs)
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         """Resume in the recorded stage and with the recorded plan; the checkpoint's network replaces ``weights``.

@@ -70,7 +70,7 @@ def test_model_spellings_resolve_in_the_cli(spelling: str, tile_root: Path) -> N
     assert "patch_stride: 8" in result.stdout
 
 
-@pytest.mark.parametrize("name", ["cutpaste.yaml", "cutpaste_tiny.yaml"])
+@pytest.mark.parametrize("name", ["cutpaste.yaml", "cutpaste_tiny.yaml", "cutpaste_cpu.yaml"])
 def test_configs_list_every_constructor_option(name: str) -> None:
     config = yaml.safe_load((REPO / "configs" / name).read_text())
     assert config["model"]["class_path"] == "isstad_plugin.Cutpaste"

@@ -22,9 +22,10 @@ from isstad_plugin import Cutpaste
 from isstad_plugin.backbones import OFFLINE_EFFICIENTNET, hub_weights_available
 from tests.conftest import make_slice
 
-# configs/cutpaste_cpu.yaml's method options, at a test-sized resolution and patch grid
+# configs/cutpaste_cpu.yaml's options at a test-sized resolution and patch grid, with the backbone fine-tuned gently
+# (the recipe page's fine_tune_1pct): the case where training could lower the density's detection
 RECIPE = {"backbone": OFFLINE_EFFICIENTNET, "pretrained": True, "image_size": 128, "patch_size": 32,
-          "patch_stride": 16, "backbone_lr_scale": 0.0, "freeze_batchnorm": True, "augmentation_seed": 0}
+          "patch_stride": 16, "backbone_lr_scale": 0.01, "freeze_batchnorm": True, "augmentation_seed": 0}
 FLOOR_MARGIN = 0.03  # trained may score at most this much below the untrained backbone's density
 CHANCE_MARGIN = 0.15  # and must be at least this much above chance
 
@@ -62,8 +63,10 @@ def test_one_epoch_keeps_the_untrained_features_density_and_detects(defects_root
     engine = Engine(default_root_dir=tmp_path, accelerator="cpu", devices=1, logger=False, enable_progress_bar=False)
     engine.fit(model=model, datamodule=datamodule)
     trained = image_auroc(model, datamodule)
-    # a frozen backbone keeps its weights and its BatchNorm statistics, whatever Lightning does to module modes
+    # freeze_batchnorm keeps the ImageNet statistics, whatever Lightning does to module modes after validation
+    trained_state = model.model.backbone.state_dict()
     for name, value in untrained.model.backbone.state_dict().items():
-        torch.testing.assert_close(model.model.backbone.state_dict()[name], value, rtol=0, atol=0, msg=name)
+        if name.endswith(("running_mean", "running_var")):
+            torch.testing.assert_close(trained_state[name], value, rtol=0, atol=0, msg=name)
     assert trained >= floor - FLOOR_MARGIN, f"training lowered the density's image AUROC: {floor:.3f} -> {trained:.3f}"
     assert trained >= 0.5 + CHANCE_MARGIN, f"image AUROC {trained:.3f} (untrained backbone: {floor:.3f})"

@@ -40,7 +40,7 @@ class Recorder(Callback):
 
 
 def test_is_a_direct_one_class_anomalib_module() -> None:
-    assert Cutpaste.__bases__ == (AnomalibModule,)
+    assert AnomalibModule in Cutpaste.__bases__  # a direct subclass: anomalib's model lookup finds it
     assert Cutpaste(**TINY).learning_type == LearningType.ONE_CLASS
 
 
