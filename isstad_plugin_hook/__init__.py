@@ -1,15 +1,18 @@
-"""Start-up hook that makes anomalib find the ``isstad_plugin`` models.
+"""Start-up hook that makes anomalib find the ``isstad_plugin`` models, and never breaks anomalib.
 
 anomalib has no plugin registry: ``get_model("isstad")`` only sees imported direct subclasses of
 ``AnomalibModule`` and the CLI resolves ``--model`` names only among imported classes. This module is
 imported by ``isstad_plugin.pth`` at interpreter start-up and installs a tiny ``sys.meta_path`` finder that
-does nothing until one of the watched anomalib modules is imported:
+does nothing until one of the watched anomalib modules has been imported:
 
-- ``anomalib``: adds a module ``__getattr__`` so ``import anomalib; anomalib.models`` works (lazily).
 - ``anomalib.models``: imports ``isstad_plugin`` so ``get_model("isstad")`` and ``--model Isstad`` work.
 - ``anomalib.cli.cli``: lets the CLI resolve model names case-insensitively (``--model isstad``) and apply
-  ``seed_everything`` for this package's models.
-- ``anomalib.pipelines.benchmark.job``: lets ``anomalib benchmark`` tabulate models whose result keys differ.
+  ``seed_everything`` for this package's models (:func:`isstad_plugin.patches.apply_cli_patches`).
+- ``anomalib.pipelines.benchmark.job``: lets ``anomalib benchmark`` tabulate models whose result keys differ and
+  use the offline backbone (:func:`isstad_plugin.patches.apply_benchmark_patches`).
+
+Fail-safe: if the plugin cannot be imported (a broken install, an incompatible library), the watched module is
+left exactly as anomalib made it, one warning says why, and the hook stays quiet from then on.
 
 It imports nothing but the standard library's ``sys`` at start-up, so processes that never import
 anomalib pay only the cost of reading this file.
@@ -18,7 +21,7 @@ anomalib pay only the cost of reading this file.
 
 import sys
 
-_WATCHED = ("anomalib", "anomalib.models", "anomalib.cli.cli", "anomalib.pipelines.benchmark.job")
+_WATCHED = ("anomalib.models", "anomalib.cli.cli", "anomalib.pipelines.benchmark.job")
 
 
 class _PostImportFinder:
@@ -68,41 +71,34 @@ class _LoaderProxy:
         self._exec_hook(module)
 
 
-def _lazy_submodule_getattr(module):  # noqa: ANN001, ANN202
-    """``__getattr__`` for the ``anomalib`` package: import ``anomalib.<name>`` on first attribute access."""
-
-    def __getattr__(name: str):  # noqa: ANN202
-        if name.startswith("_"):
-            raise AttributeError(name)
-        import importlib
-
-        try:
-            return importlib.import_module(f"{module.__name__}.{name}")
-        except ModuleNotFoundError as error:
-            if error.name != f"{module.__name__}.{name}":
-                raise
-            msg = f"module {module.__name__!r} has no attribute {name!r}"
-            raise AttributeError(msg) from None
-
-    return __getattr__
+_failed = False  # the plugin could not be imported: anomalib stays stock, warned once
 
 
 def _after_import(fullname: str, module) -> None:  # noqa: ANN001
-    if fullname == "anomalib":
-        if "__getattr__" not in module.__dict__:
-            module.__getattr__ = _lazy_submodule_getattr(module)
-    elif fullname == "anomalib.models":
-        if "isstad_plugin" not in sys.modules:
-            import isstad_plugin  # noqa: F401  (registers the models as AnomalibModule subclasses)
-    elif fullname == "anomalib.cli.cli":
-        from isstad_plugin.registration import enable_case_insensitive_model_names, enable_cli_seed_for_plugin_models
+    """Apply the plugin's part for ``fullname``; any failure leaves anomalib as it is, with one warning."""
+    global _failed  # noqa: PLW0603
+    del module
+    if _failed:
+        return
+    try:
+        if fullname == "anomalib.models":
+            import isstad_plugin  # noqa: F401  (defines the models as AnomalibModule subclasses)
+        elif fullname == "anomalib.cli.cli":
+            from isstad_plugin.patches import apply_cli_patches
 
-        enable_case_insensitive_model_names()
-        enable_cli_seed_for_plugin_models()
-    elif fullname == "anomalib.pipelines.benchmark.job":
-        from isstad_plugin.registration import enable_mixed_benchmark_results
+            apply_cli_patches()
+        elif fullname == "anomalib.pipelines.benchmark.job":
+            from isstad_plugin.patches import apply_benchmark_patches
 
-        enable_mixed_benchmark_results()
+            apply_benchmark_patches()
+    except Exception as error:  # noqa: BLE001  (never break `import anomalib.models` for every model)
+        _failed = True
+        import warnings
+
+        warnings.warn(f"isstad-plugin is installed but could not be loaded ({type(error).__name__}: {error}); "
+                      "anomalib works as without it, and its models Isstad and Cutpaste are not available. "
+                      "Reinstall isstad-plugin (pip install --force-reinstall isstad-plugin) or uninstall it.",
+                      RuntimeWarning, stacklevel=2)
 
 
 _FINDER = _PostImportFinder()

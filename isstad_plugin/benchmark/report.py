@@ -102,3 +102,9 @@ def chart(rows: Sequence[dict[str, object]], path: Path) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=100)
     plt.close(fig)
+
+
+def write_page(path: Path, lines: list[str]) -> None:
+    """Write a generated Markdown page and say where it went."""
+    path.write_text("\n".join(lines))
+    print(f"wrote {path}")

@@ -1,4 +1,4 @@
-"""Timing statistics and a one-line machine description, shared by ``isstad-benchmark`` and ``benchmarks/``."""
+"""Timing statistics, a one-line machine description and its matmul peak, shared by ``isstad-benchmark`` and ``benchmarks/``."""
 
 from __future__ import annotations
 
@@ -65,3 +65,15 @@ def machine() -> str:
     cpu, extensions = cpu_description()
     return (f"{cpu} ({', '.join(extensions) or 'no AVX2'}), {os.cpu_count()} cores visible, "
             f"Python {platform.python_version()}, torch {torch.__version__}")
+
+
+def matmul_peak_gflops(threads: int, size: int = 2048, repeats: int = 10) -> float:
+    """Measured fp32 matmul throughput (GFLOP/s) of this machine with ``threads`` torch threads."""
+    import torch
+
+    previous = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    a, b = torch.randn(size, size), torch.randn(size, size)
+    seconds = median(time_calls(lambda: torch.mm(a, b), repeats, warmup=3))
+    torch.set_num_threads(previous)
+    return 2 * size**3 / seconds / 1e9

@@ -28,7 +28,7 @@ import torch.nn.functional as F  # noqa: N812
 from kornia.enhance import adjust_contrast_with_mean_subtraction, adjust_hue, adjust_saturation
 from torch import Tensor
 
-from isstad_plugin.models.seeding import SeededAugmentation
+from isstad_plugin.models.components.seeding import SeededAugmentation, check_images
 
 AREA_RATIO = (0.02, 0.15)  # CutPaste rectangle area / image area
 ASPECT_RATIO = (0.3, 3.3)  # CutPaste rectangle width / height (log-uniform)
@@ -55,14 +55,6 @@ class PasteParams(NamedTuple):
     source_y: Tensor
     target_x: Tensor
     target_y: Tensor
-
-
-def _check_images(images: Tensor) -> None:
-    if not isinstance(images, Tensor) or images.ndim != 4 or images.shape[1] != 3:
-        shape = tuple(images.shape) if isinstance(images, Tensor) else type(images).__name__
-        raise ValueError(f"images must be a [B, 3, H, W] tensor, got {shape}")
-    if not images.is_floating_point():
-        raise ValueError(f"images must be a floating-point tensor in [0, 1], got dtype {images.dtype}")
 
 
 def _uniform(b: int, low: float, high: float, generator: torch.Generator | None, device: torch.device) -> Tensor:
@@ -217,7 +209,7 @@ class CutPaste(SeededAugmentation):
     @torch.no_grad()
     def cutpaste(self, images: Tensor) -> tuple[Tensor, Tensor]:
         """CutPaste every image. Returns ``(images [B, 3, H, W], mask [B, 1, H, W])``."""
-        _check_images(images)
+        check_images(images)
         b, _, height, width = images.shape
         gen = self.generator(images.device)
         params = sample_cutpaste(b, height, width, gen, images.device)
@@ -226,7 +218,7 @@ class CutPaste(SeededAugmentation):
     @torch.no_grad()
     def scar(self, images: Tensor, scale: float | None = None) -> tuple[Tensor, Tensor]:
         """CutPaste-scar every image (``scale``: see :func:`sample_scar`). Returns ``(images, mask)``."""
-        _check_images(images)
+        check_images(images)
         b, _, height, width = images.shape
         gen = self.generator(images.device)
         params = sample_scar(b, height, width, scale, gen, images.device)

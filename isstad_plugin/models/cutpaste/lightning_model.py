@@ -24,45 +24,27 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F  # noqa: N812
-from anomalib import LearningType
 from anomalib.data import Batch
 from anomalib.metrics import Evaluator
 from anomalib.models.components import AnomalibModule
 from anomalib.post_processing import PostProcessor
-from anomalib.pre_processing import PreProcessor
 from anomalib.visualization import Visualizer
 from lightning.pytorch.trainer.states import TrainerFn
 from lightning.pytorch.utilities.types import STEP_OUTPUT
 from torch import nn
 from torch.utils.data import DataLoader
-from torchvision.transforms.v2 import Compose, Normalize, Resize
 
-from isstad_plugin.data_checks import check_data_folder, check_dataset
 from isstad_plugin.errors import input_error
-from isstad_plugin.models.arguments import check_numbers
-from isstad_plugin.models.checkpoints import (
-    VERSION_KEY,
-    check_compatible,
-    check_writable,
-    plugin_version,
-    use_safe_checkpoint_io,
-)
-from isstad_plugin.models.evaluation import image_and_pixel_evaluator
-from isstad_plugin.models.export import SafeFilesMixin
-from isstad_plugin.models.resume import keep_trained_network, remember_fit
-from isstad_plugin.transforms import transform_leaves
+from isstad_plugin.models.components.arguments import check_numbers
+from isstad_plugin.models.components.base import LIGHTNING_DEFAULT_MAX_EPOCHS, PluginModel
 
 from .augmentation import PAPER_SIZE, CutPaste, random_crops
 from .torch_model import PAPER_HEAD, CutpasteModel
 
 logger = logging.getLogger(__name__)
 
-LIGHTNING_DEFAULT_MAX_EPOCHS = 1000
-# hyper-parameters that shape the network's tensors: a checkpoint loads only into a model built with its values
-NETWORK_OPTIONS = ("backbone", "head_layers")
 
-
-class Cutpaste(SafeFilesMixin, AnomalibModule):
+class Cutpaste(PluginModel, AnomalibModule):
     """CutPaste: self-supervised learning for anomaly detection and localisation (Li et al., CVPR 2021).
 
     Defaults are the paper's setting (ResNet-18 from ImageNet, 256 px, 32 px patches at stride 4, SGD 0.03).
@@ -93,6 +75,9 @@ class Cutpaste(SafeFilesMixin, AnomalibModule):
         evaluator: Evaluator; the default computes image AUROC/F1 and pixel AUROC/F1/AUPRO.
         visualizer: Visualizer.
     """
+
+    DEFAULT_IMAGE_SIZE = PAPER_SIZE
+    NETWORK_OPTIONS = ("backbone", "head_layers")
 
     def __init__(
         self,
@@ -126,14 +111,8 @@ class Cutpaste(SafeFilesMixin, AnomalibModule):
                       non_negative={"patch_loss_weight": patch_loss_weight, "weight_decay": weight_decay,
                                     "jitter": jitter, "backbone_lr_scale": backbone_lr_scale},
                       fractions={"momentum": momentum})
-        if pre_processor is True:
-            pre_processor = self.configure_pre_processor((image_size, image_size))
-        super().__init__(
-            pre_processor=pre_processor,
-            post_processor=post_processor,
-            evaluator=evaluator,
-            visualizer=visualizer,
-        )
+        super().__init__(pre_processor=self.sized_pre_processor(pre_processor, image_size),
+                         post_processor=post_processor, evaluator=evaluator, visualizer=visualizer)
         self.model = CutpasteModel(
             backbone=backbone,
             head_layers=tuple(head_layers),
@@ -148,89 +127,35 @@ class Cutpaste(SafeFilesMixin, AnomalibModule):
 
     # ------------------------------------------------------------------ anomalib contract
     @classmethod
-    def configure_pre_processor(cls, image_size: tuple[int, int] | None = None) -> PreProcessor:
-        """Resize only: CutPaste works on [0, 1] images and the torch model normalises itself."""
-        return PreProcessor(transform=Compose([Resize(image_size or (PAPER_SIZE, PAPER_SIZE), antialias=True)]))
-
-    @staticmethod
-    def configure_evaluator() -> Evaluator:
-        """Image AUROC and F1; pixel AUROC, F1 and AUPRO."""
-        return image_and_pixel_evaluator()
-
-    @classmethod
     def configure_post_processor(cls) -> PostProcessor:
         """anomalib's default post-processor (F1-adaptive thresholds, min-max normalisation)."""
         return PostProcessor()
 
-    @property
-    def learning_type(self) -> LearningType:
-        """CutPaste learns from normal images only."""
-        return LearningType.ONE_CLASS
-
-    @property
-    def trainer_arguments(self) -> dict[str, Any]:
-        """No sanity validation (the Gaussians are fitted when training ends); the epoch budget stays the user's."""
-        return {"num_sanity_val_steps": 0}
-
-    def configure_callbacks(self) -> Any:  # noqa: ANN401
-        """anomalib's component callbacks; checks the data folder first (before anomalib reads or downloads it)."""
-        check_data_folder(getattr(self._trainer, "datamodule", None) if self._trainer is not None else None)
-        return super().configure_callbacks()
-
     # ------------------------------------------------------------------ set-up
     def setup(self, stage: str) -> None:
-        """Without an epoch or step budget from the user, train for the model's ``max_epochs``; checkpoints are
-        written atomically and read with clear errors; for fit, the output folder and every training and
-        validation file are checked.
-
-        Runs before ``configure_optimizers``, so the cosine schedule spans the budget actually used.
-        """
+        """The shared checks (:class:`PluginModel`); without an epoch or step budget from the user, train for the
+        model's ``max_epochs``. Runs before ``configure_optimizers``, so the cosine schedule spans the budget used."""
+        super().setup(stage)
         trainer = self.trainer
-        use_safe_checkpoint_io(trainer)
-        if stage == "fit":
-            check_writable(getattr(trainer.checkpoint_callback, "dirpath", None) or trainer.default_root_dir)
-            for split in ("train", "val"):
-                if (dataset := getattr(trainer.datamodule, f"{split}_data", None)) is not None:
-                    check_dataset(dataset, split)
         if stage == "fit" and trainer.max_epochs == LIGHTNING_DEFAULT_MAX_EPOCHS and trainer.max_steps == -1:
             logger.info("No max_epochs given to the trainer: CutPaste trains for max_epochs=%d.",
                         self.hparams.max_epochs)
             trainer.fit_loop.max_epochs = self.hparams.max_epochs
 
     def on_fit_start(self) -> None:
-        """Load the backbone's starting weights (not when resuming), check the pre-processor, seed the generator."""
-        transform = getattr(self.pre_processor, "transform", None)
-        if transform is not None and any(isinstance(t, Normalize) for t in transform_leaves(transform)):
-            msg = ("Cutpaste normalises inside its torch model (CutPaste works on [0, 1] images); "
-                   "remove Normalize from the pre_processor transform.")
-            raise ValueError(msg)
+        """The shared checks; the backbone's starting weights (not when resuming); the generator's seed."""
+        super().on_fit_start()
         if not self._backbone_initialised and self.trainer.ckpt_path is None:
             hp = self.hparams
             if self.model.load_backbone_weights(hp.pretrained, hp.backbone_weights):
                 logger.info("CutPaste backbone %s initialised from %s.", hp.backbone,
                             hp.backbone_weights or "timm's pretrained weights")
         self._backbone_initialised = True
-        if self.hparams.augmentation_seed is not None:
-            self.augmentation.reseed(self.hparams.augmentation_seed + self.global_rank)
-        remember_fit(self, finished=False)
+        self.augmentation.reseed_for_rank(self.hparams.augmentation_seed, self.global_rank, self.trainer.world_size)
 
-    def on_fit_end(self) -> None:
-        """Remember that the fit finished (see :mod:`isstad_plugin.models.resume`)."""
-        remember_fit(self, finished=True)
-
-    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        """Record the plugin version that wrote the checkpoint."""
-        super().on_save_checkpoint(checkpoint)
-        checkpoint[VERSION_KEY] = plugin_version()
-
-    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        """A checkpoint of another network shape is refused naming the option; a model restored from a checkpoint
-        keeps its weights when trained further; a test right after a resumed fit, given the checkpoint it resumed
-        from, keeps the trained network (:mod:`isstad_plugin.models.resume`)."""
-        check_compatible(self, checkpoint, NETWORK_OPTIONS,
-                         path=self._trainer.ckpt_path if self._trainer is not None else None)
-        keep_trained_network(self, checkpoint)
-        super().on_load_checkpoint(checkpoint)
+    def load_plugin_state(self, checkpoint: dict[str, Any], trained_network_kept: bool) -> None:
+        """A model restored from a checkpoint keeps its weights when trained further."""
+        del checkpoint, trained_network_kept
         self._backbone_initialised = True
 
     # ------------------------------------------------------------------ optimisation
@@ -306,6 +231,7 @@ class Cutpaste(SafeFilesMixin, AnomalibModule):
         Earlier validations while fitting are skipped (see :meth:`validation_step`); a stand-alone ``validate``
         fits the Gaussians first if they never were.
         """
+        super().on_validation_start()
         fitting = self.trainer.state.fn == TrainerFn.FITTING
         self._score_validation = not fitting or self._last_training_epoch()
         if fitting:
@@ -325,13 +251,13 @@ class Cutpaste(SafeFilesMixin, AnomalibModule):
     def on_test_start(self) -> None:
         """Check the test files; a model that was never fitted (e.g. trained without validation) is fitted on the
         training split."""
-        if (dataset := getattr(self.trainer.datamodule, "test_data", None)) is not None:
-            check_dataset(dataset, "test")
+        super().on_test_start()
         if not self.model.image_density.fitted:
             self.fit_density()
 
     def on_predict_start(self) -> None:
         """As :meth:`on_test_start`, when a training split is available."""
+        super().on_predict_start()
         if not self.model.image_density.fitted:
             self.fit_density()
 

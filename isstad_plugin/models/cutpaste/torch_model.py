@@ -27,6 +27,8 @@ from anomalib.models.components import GaussianBlur2d
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from torch import Tensor, nn
 
+from isstad_plugin.backbones import ensure_offline_backbone
+
 from .density import GaussianDensity
 
 PAPER_HEAD = (512, 512, 512, 512, 512, 512, 512, 512, 128)
@@ -86,6 +88,7 @@ class CutpasteModel(nn.Module):
         if score_sigma <= 0:
             raise ValueError(f"score_sigma must be > 0, got {score_sigma}")
         self.backbone_name = backbone
+        ensure_offline_backbone(backbone)  # the offline ImageNet tag (and its input normalisation), if named
         self.backbone = timm.create_model(backbone, pretrained=False, num_classes=0)
         dim = self.backbone.num_features
         self.head = projection_head(dim, head_layers)

@@ -6,12 +6,15 @@ tensor values, constants (the Gaussian kernel) built once as buffers.
 
 from __future__ import annotations
 
+import logging
 import math
 from typing import Literal
 
 import torch
 import torch.nn.functional as F  # noqa: N812
 from torch import nn
+
+logger = logging.getLogger(__name__)
 
 
 def gaussian_kernel_1d(sigma: float, truncate: float = 4.0) -> torch.Tensor:
@@ -189,3 +192,22 @@ class AnomalyMapGenerator(nn.Module):
         std = maps.std(dim=0)
         self.normal_mean.copy_(maps.mean(dim=0))
         self.normal_scale.copy_(std + 0.1 * std.mean() + self.eps)
+
+
+def calibrate_on_training_images(network: nn.Module, pre_processor: nn.Module, datamodule: object,
+                                 device: torch.device) -> None:
+    """With ``map_calibration``, calibrate ``network``'s score maps on the datamodule's training images (normal by
+    definition): their per-pixel mean and std (``IsstadModel.raw_score_maps`` of every pre-processed training
+    image). Without training images the calibration stays as it was (from the checkpoint, else none), with a
+    warning. Nothing to do without calibration."""
+    generator = network.anomaly_map_generator
+    if generator.calibration == "none":
+        return
+    if datamodule is None or getattr(datamodule, "train_data", None) is None:
+        logger.warning("ISSTAD: map_calibration=%r needs the datamodule's training images; none here, so the "
+                       "calibration stays as it was (from the checkpoint, else none).", generator.calibration)
+        return
+    with torch.no_grad():
+        maps = [network.raw_score_maps(pre_processor.transform(batch.image.to(device)))
+                for batch in datamodule.train_dataloader()]
+    generator.calibrate(torch.cat(maps))

@@ -13,7 +13,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Literal
+from typing import Any, Literal
 
 import torch
 import torch.nn.functional as F  # noqa: N812
@@ -23,7 +23,7 @@ from kornia.contrib import connected_components
 from kornia.filters import filter2d_separable
 from torch import Tensor
 
-from isstad_plugin.models.seeding import SeededAugmentation
+from isstad_plugin.models.components.seeding import SeededAugmentation, check_images
 
 SHAPES = ("rectangle", "ellipse", "polygon")
 PAPER_TRANSFORMS = ("color", "flip", "noise")
@@ -59,14 +59,6 @@ def preset_for_category(category: str | None) -> CorruptionPreset:
     if category is None:
         return CorruptionPreset()
     return MVTEC_AD_PRESETS.get(category.strip().lower(), CorruptionPreset())
-
-
-def _check_images(images: Tensor) -> None:
-    if not isinstance(images, Tensor) or images.ndim != 4 or images.shape[1] != 3:
-        shape = tuple(images.shape) if isinstance(images, Tensor) else type(images).__name__
-        raise ValueError(f"images must be a [B, 3, H, W] tensor, got {shape}")
-    if not images.is_floating_point():
-        raise ValueError(f"images must be a floating-point tensor in [0, 1], got dtype {images.dtype}")
 
 
 def _randint(low: Tensor, high: Tensor, generator: torch.Generator | None) -> Tensor:
@@ -114,7 +106,7 @@ def foreground_boxes(images: Tensor) -> Tensor:
         Components are labelled on a grid of at most 32 x 32 cells (the box itself is exact to the pixel), so
         fragments closer than a cell merge: on fragmented (texture) foregrounds the box can exceed OpenCV's.
     """
-    _check_images(images)
+    check_images(images)
     b, _, h, w = images.shape
     device = images.device
     gray = (rgb_to_grayscale(images) * 255).round().clamp(0, 255).long().view(b, h * w)
@@ -158,7 +150,7 @@ def remove_dark(images: Tensor) -> Tensor:
     Returns:
         ``[B, 3, H, W]``; an image without brighter-than-mean pixels is returned unchanged.
     """
-    _check_images(images)
+    check_images(images)
     gray = rgb_to_grayscale(images)
     dark = gray <= gray.mean((2, 3), keepdim=True)
     bright = (~dark).to(images.dtype)
@@ -343,6 +335,31 @@ class SyntheticCorruption(SeededAugmentation):
         self.masks = masks
         self.blur_sigma_fraction = (float(blur_sigma_fraction[0]), float(blur_sigma_fraction[1]))
 
+    @classmethod
+    def with_preset_options(cls, max_shapes: int | None, restrict_to_foreground: bool | None,
+                            remove_dark: bool | None, **kwargs: Any) -> SyntheticCorruption:  # noqa: ANN401
+        """A corruption whose ``None`` options follow the category's preset (see :meth:`use_category`); until then
+        they take the defaults (3 shapes, inside the foreground, dark pixels kept)."""
+        corruption = cls(max_shapes=max_shapes or 3,
+                         restrict_to_foreground=True if restrict_to_foreground is None else restrict_to_foreground,
+                         remove_dark=bool(remove_dark), **kwargs)
+        corruption.options = {"max_shapes": max_shapes, "restrict_to_foreground": restrict_to_foreground,
+                              "remove_dark": remove_dark}
+        return corruption
+
+    def use_category(self, category: str | None) -> str:
+        """Apply ``category``'s MVTec AD preset (the defaults for other categories) to the options given as
+        ``None`` to :meth:`with_preset_options`; returns a log line with the settings used."""
+        preset = preset_for_category(category)
+        options = getattr(self, "options", {})
+        for name in ("max_shapes", "restrict_to_foreground", "remove_dark"):
+            if name in options:
+                setattr(self, name, getattr(preset, name) if options[name] is None else options[name])
+        source = f"MVTec AD preset for {category!r}" if category in MVTEC_AD_PRESETS else "defaults"
+        return (f"ISSTAD corruption ({source}, config overrides applied): max_shapes={self.max_shapes}, "
+                f"restrict_to_foreground={self.restrict_to_foreground}, remove_dark={self.remove_dark}, "
+                f"probability={self.probability:.3f}.")
+
     @torch.no_grad()
     def forward(self, images: Tensor) -> tuple[Tensor, Tensor]:
         """Corrupt a batch.
@@ -353,7 +370,7 @@ class SyntheticCorruption(SeededAugmentation):
         Returns:
             ``(corrupted [B, 3, H, W] in [0, 1], mask [B, 1, H, W] in {0, 1})``, the mask in the images' dtype.
         """
-        _check_images(images)
+        check_images(images)
         with torch.autocast(images.device.type, enabled=False):  # exact pixel arithmetic under mixed precision
             return self._corrupt(images)
 

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import torch
 import torch.nn.functional as F  # noqa: N812
@@ -131,3 +131,15 @@ class Stage2Loss(nn.Module):
         similarity = ssim(reconstruction_01.float(), target_01.float(), data_range=1.0)
         total = cross_entropy + self.mse_weight * mse + self.ssim_weight * (1 - similarity)
         return Stage2LossTerms(total, cross_entropy, mse, similarity)
+
+
+def check_finite(loss: torch.Tensor, what: str, module: Any) -> None:  # noqa: ANN401
+    """Stop training on a NaN or infinite ``loss``, naming it (``what``), the ``module``'s step and likely causes."""
+    if not torch.isfinite(loss):
+        msg = (
+            f"ISSTAD: the {what} is {loss.item()} at global step {module.global_step} (epoch {module.current_epoch}, "
+            f"stage {module.stage}). Likely causes: a learning rate too high for this batch size (lower "
+            "stage1_base_lr / stage2_lr), images with NaN/inf values, or fp16 overflow (use bf16-mixed or 32-true "
+            "precision)."
+        )
+        raise FloatingPointError(msg)

@@ -1,10 +1,12 @@
-"""ISSTAD's two training stages in one Lightning run: the plan, the switch, and the learning-rate shapes.
+"""ISSTAD's two training stages in one Lightning run: the plan (data), and the callback that applies it.
 
 Stage 1 trains the whole MAE on masked normal images; stage 2 freezes the encoder and trains the decoder
-and heads on synthetically corrupted images. :class:`TwoStageSchedule` (a callback the model provides
-through ``configure_callbacks``) fits the plan to the trainer's epoch budget, switches stage at the planned
-epoch (freeze, new optimiser and scheduler) and the model keeps the stage and plan in its checkpoint, so a
-run resumed with ``ckpt_path`` continues in the right stage with the right schedule.
+and heads on synthetically corrupted images. :class:`StagePlan` is plain data and arithmetic (epochs per stage,
+when to validate and checkpoint, how to fit a shorter budget). :class:`TwoStageSchedule` (a callback the model
+provides through ``configure_callbacks``) is the one owner of the plan during a run: it fits the plan to the
+trainer's epoch budget, switches stage at the planned epoch (the model freezes, the optimiser and scheduler are
+rebuilt), writes the stage and plan into every checkpoint and restores them when a fit resumes with
+``ckpt_path``, so the run continues in the right stage with the right schedule.
 
 Validation and checkpoints happen when they mean something: :class:`TwoStageSchedule` skips validation in
 stage 1 (untrained pixel heads) and runs it in stage 2 at the model's ``val_every_n_epochs`` cadence and after
@@ -20,20 +22,31 @@ import logging
 import math
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import Any, Protocol
 
 from anomalib.callbacks.checkpoint import ModelCheckpoint
 from lightning.pytorch import Callback, LightningModule, Trainer
 from lightning.pytorch.callbacks import EarlyStopping, Timer
 from lightning.pytorch.callbacks import ModelCheckpoint as LightningModelCheckpoint
-from lightning.pytorch.strategies import DDPStrategy
+from lightning.pytorch.trainer.states import TrainerFn
 
-if TYPE_CHECKING:
-    from .lightning_model import Isstad
+from isstad_plugin.models.components.base import LIGHTNING_DEFAULT_MAX_EPOCHS
+from isstad_plugin.patches import ddp_allow_unused_parameters
 
 logger = logging.getLogger(__name__)
 
-LIGHTNING_DEFAULT_MAX_EPOCHS = 1000
+STAGE_KEY, PLAN_KEY = "isstad_stage", "isstad_stage_plan"  # checkpoint entries
+
+
+class StagedModel(Protocol):
+    """What :class:`TwoStageSchedule` needs of the model (``Isstad``)."""
+
+    hparams: Any
+    stage: int
+    stage_plan: StagePlan
+
+    def enter_stage(self, stage: int) -> None:
+        """Make ``stage`` current (freeze or unfreeze the encoder)."""
 
 
 @dataclass(frozen=True)
@@ -78,6 +91,12 @@ class StagePlan:
     def to_dict(self) -> dict[str, float]:
         """Plain data for the checkpoint."""
         return asdict(self)
+
+    @classmethod
+    def from_options(cls, hparams: Any) -> StagePlan:  # noqa: ANN401
+        """The configured plan of ``Isstad``'s hyper-parameters."""
+        return cls(hparams["stage1_epochs"], hparams["stage2_epochs"], hparams["stage1_warmup_epochs"],
+                   hparams["stage2_cosine_epochs"])
 
     @classmethod
     def fit_budget(
@@ -137,17 +156,14 @@ class TwoStageSchedule(Callback):
         """Plan the stages (fit only), cap ``max_epochs`` at the plan's end, take over validation pacing."""
         if stage != "fit":
             return
-        if isinstance(trainer.strategy, DDPStrategy):
-            # Stage 1 leaves the pixel-status head unused and stage 2 freezes the encoder: DDP must accept
-            # parameters that get no gradient (set before the strategy wraps the model).
-            trainer.strategy._ddp_kwargs.setdefault("find_unused_parameters", True)  # noqa: SLF001
-        model: Isstad = pl_module  # type: ignore[assignment]
+        # Stage 1 leaves the pixel-status head unused and stage 2 freezes the encoder: DDP must accept
+        # parameters that get no gradient (set before the strategy wraps the model).
+        ddp_allow_unused_parameters(trainer.strategy)
+        model: StagedModel = pl_module  # type: ignore[assignment]
         plan, message = plan_for_trainer(trainer, model.hparams)
         if message:
             logger.info(message)
-        model.stage_plan = plan
-        if trainer.max_epochs is None or trainer.max_epochs < 0 or trainer.max_epochs > plan.total_epochs:
-            trainer.fit_loop.max_epochs = plan.total_epochs
+        self._use_plan(trainer, model, plan)
         model.enter_stage(plan.stage_at(0))
         if paces_validation(trainer):
             self._user_val_limit = trainer.limit_val_batches
@@ -155,10 +171,31 @@ class TwoStageSchedule(Callback):
             logger.info("ISSTAD validates in stage 2 only: %s (set trainer.check_val_every_n_epoch to choose).",
                         f"every {every} epochs and after the last" if every else "after the last epoch")
 
+    @staticmethod
+    def _use_plan(trainer: Trainer, model: StagedModel, plan: StagePlan) -> None:
+        model.stage_plan = plan
+        if trainer.max_epochs is None or trainer.max_epochs < 0 or trainer.max_epochs > plan.total_epochs:
+            trainer.fit_loop.max_epochs = plan.total_epochs
+
+    def on_save_checkpoint(self, trainer: Trainer, pl_module: LightningModule, checkpoint: dict[str, Any]) -> None:
+        """Record the current stage and the plan."""
+        del trainer
+        checkpoint[STAGE_KEY] = pl_module.stage
+        checkpoint[PLAN_KEY] = pl_module.stage_plan.to_dict()
+
+    def on_load_checkpoint(self, trainer: Trainer, pl_module: LightningModule, checkpoint: dict[str, Any]) -> None:
+        """A fit resumed with ``ckpt_path`` continues with the recorded plan, in the recorded stage."""
+        if trainer.state.fn != TrainerFn.FITTING:
+            return
+        if PLAN_KEY in checkpoint:
+            self._use_plan(trainer, pl_module, StagePlan(**checkpoint[PLAN_KEY]))
+        if STAGE_KEY in checkpoint:
+            pl_module.enter_stage(checkpoint[STAGE_KEY])
+
     def on_train_epoch_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
         """Switch stage when the plan says so (freeze the encoder, rebuild optimiser and scheduler); switch
         validation on for the epochs the plan validates after, off for the others."""
-        model: Isstad = pl_module  # type: ignore[assignment]
+        model: StagedModel = pl_module  # type: ignore[assignment]
         epoch = trainer.current_epoch
         if self._user_val_limit is not None:
             every = model.hparams.get("val_every_n_epochs", 0)
@@ -266,3 +303,14 @@ class StageCheckpoint(ModelCheckpoint):
             and Path(checkpoint.dirpath).parts[-2:] == ("weights", "lightning")
         )
         return checkpoint if is_default else None
+
+
+def stage_callbacks(trainer: Trainer | None, checkpoint_every_n_epochs: int) -> list[Callback]:
+    """The callbacks ISSTAD's stages need: :class:`TwoStageSchedule`, and a :class:`StageCheckpoint` in place of
+    anomalib Engine's every-epoch default (Lightning replaces the trainer's checkpoint callback by it); a user's own
+    checkpoint callback is kept."""
+    callbacks: list[Callback] = [TwoStageSchedule()]
+    default = StageCheckpoint.replaces(trainer) if trainer is not None else None
+    if default is not None:
+        callbacks.append(StageCheckpoint(default.dirpath, checkpoint_every_n_epochs))
+    return callbacks

@@ -20,6 +20,7 @@ from typing import NamedTuple
 
 import torch
 from anomalib.data import InferenceBatch
+from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from timm.layers import PatchEmbed
 from timm.models.vision_transformer import Block
 from torch import nn
@@ -28,8 +29,8 @@ from isstad_plugin.errors import input_error
 
 from .anomaly_map import AnomalyMapGenerator, ImageScore, MapCalibration, MapKind
 
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
+IMAGENET_MEAN: tuple[float, float, float] = tuple(IMAGENET_DEFAULT_MEAN)
+IMAGENET_STD: tuple[float, float, float] = tuple(IMAGENET_DEFAULT_STD)
 
 
 @dataclass(frozen=True)

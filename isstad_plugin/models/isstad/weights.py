@@ -108,6 +108,46 @@ class WeightsReport:
         return "; ".join(parts) + "."
 
 
+class DeferredWeights:
+    """``Isstad(weights=...)``: loaded into the network when the first fit/validate/test/predict starts, never in
+    ``__init__`` (so construction, ``load_from_checkpoint`` and export stay offline), unless a Lightning checkpoint
+    provides the network.
+
+    Status: ``pending`` -> ``loaded`` (from the source) | ``checkpoint`` (a Lightning checkpoint filled the
+    network) | ``missing`` (the source was absent at set-up: only a ``ckpt_path`` restore may still provide the
+    network; :meth:`require` fails otherwise).
+    """
+
+    def __init__(self, source: str | None) -> None:
+        self.source = source
+        self.status = "pending"
+        self.error: WeightsNotFoundError | None = None
+
+    def load_into(self, model: IsstadModel) -> None:
+        """Load the source into ``model`` once; a missing source is remembered (a checkpoint may replace it)."""
+        if self.source is None or self.status in {"loaded", "checkpoint"}:
+            return
+        try:
+            load_weights(model, self.source)
+        except WeightsNotFoundError as error:
+            self.status, self.error = "missing", error
+            logger.info("ISSTAD: %s Continuing only if a checkpoint (ckpt_path) provides the network.", error)
+            return
+        self.status = "loaded"
+
+    def replaced_by_checkpoint(self) -> None:
+        """A Lightning checkpoint filled the network: the source is not loaded (again)."""
+        if self.source is not None and self.status != "checkpoint":
+            logger.info("ISSTAD: the Lightning checkpoint provides the network; it replaces weights=%r.", self.source)
+        self.status = "checkpoint"
+
+    def require(self) -> None:
+        """Fail when the source could not be read and no checkpoint was restored instead."""
+        if self.status == "missing":
+            msg = f"{self.error} No Lightning checkpoint was restored in its place."
+            raise FileNotFoundError(msg) from self.error
+
+
 # ---------------------------------------------------------------------- public API
 def load_weights(model: IsstadModel, weights: str | Path) -> WeightsReport:
     """Read ``weights`` (see the module docstring for spellings) and load them into ``model`` in place.

@@ -83,7 +83,7 @@ def test_configs_list_every_constructor_option(name: str) -> None:
 
 
 def test_get_model_finds_cutpaste_after_import_anomalib_alone() -> None:
-    code = ("import anomalib; m = anomalib.models.get_model('cutpaste', pretrained=False, image_size=64, "
+    code = ("import anomalib.models; m = anomalib.models.get_model('cutpaste', pretrained=False, image_size=64, "
             "patch_size=16); print(type(m).__module__, m.name)")
     assert run(sys.executable, "-c", code).stdout.strip().endswith("Cutpaste")
 

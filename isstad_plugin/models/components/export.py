@@ -22,7 +22,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from isstad_plugin.models.checkpoints import check_checkpoint_file
+from isstad_plugin.models.components.checkpoints import check_checkpoint_file
 
 _depth = 0  # exports in progress: to_openvino runs to_onnx inside itself
 

@@ -163,3 +163,16 @@ def check_compatible(model: nn.Module, checkpoint: dict[str, Any], options: Iter
     msg = (f"The {name} holds a network of another layout than this model's ({details}). It was written by "
            f"isstad-plugin {written_by}; this is {plugin_version()}: load it with that version, or train again.")
     raise ValueError(msg)
+
+
+def check_model_checkpoint(checkpoint: dict[str, Any], model_name: str, marker: str, alternative: str) -> None:
+    """Refuse a Lightning checkpoint written by another model (none of its state keys starts with ``marker``),
+    saying which model it looks like and the ``alternative`` (e.g. another option for weight files)."""
+    state = checkpoint.get("state_dict", {})
+    if any(key.startswith(marker) for key in state):
+        return
+    prefixes = sorted({".".join(key.split(".")[:2]) for key in state})[:6]
+    hyper = sorted(checkpoint.get("hyper_parameters", {}))[:8]
+    msg = (f"This checkpoint was not written by {model_name}: its state keys start with {prefixes}; "
+           f"hyper-parameters {hyper}. Pass the checkpoint to the model that trained it, or {alternative}.")
+    raise ValueError(msg)

@@ -1,0 +1,152 @@
+"""What every plugin model shares on top of anomalib's ``AnomalibModule``: the contract and the file checks.
+
+:class:`PluginModel` is listed before ``AnomalibModule`` in a model's bases (anomalib finds models among the
+*direct* subclasses of ``AnomalibModule``). It provides:
+
+- the anomalib contract of a one-class model that normalises inside its network: resize-only pre-processing,
+  image and pixel metrics (:func:`.evaluation.image_and_pixel_evaluator`), no sanity validation;
+- checks before anything runs: the data folder (before anomalib reads or downloads it), the output folder and
+  every file of the splits used, a pre-processor that normalises;
+- safe files: atomic checkpoints and exports with named load errors (:mod:`.checkpoints`, :mod:`.export`), the
+  plugin version in every checkpoint, a checkpoint of another network shape refused naming the option;
+- anomalib's train-then-test of a resumed fit reporting the trained model (:mod:`.resume`).
+
+A model sets :attr:`DEFAULT_IMAGE_SIZE` and :attr:`NETWORK_OPTIONS`, calls ``super()`` in the hooks it overrides
+and may override :meth:`load_plugin_state` for its own checkpoint entries.
+
+Example:
+    >>> class MyModel(PluginModel, AnomalibModule):
+    ...     DEFAULT_IMAGE_SIZE = 224
+    ...     NETWORK_OPTIONS = ("backbone", "image_size")
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from anomalib import LearningType
+from anomalib.metrics import Evaluator
+from anomalib.pre_processing import PreProcessor
+
+from isstad_plugin.data_checks import check_data_folder, check_dataset
+
+from .checkpoints import (
+    VERSION_KEY,
+    check_compatible,
+    check_model_checkpoint,
+    check_writable,
+    plugin_version,
+    use_safe_checkpoint_io,
+)
+from .evaluation import image_and_pixel_evaluator
+from .export import SafeFilesMixin
+from .pre_processing import refuse_normalize, resize_only
+from .resume import keep_trained_network, remember_fit
+
+LIGHTNING_DEFAULT_MAX_EPOCHS = 1000  # a trainer with this max_epochs and no max_steps was given no budget
+
+
+class PluginModel(SafeFilesMixin):
+    """Shared anomalib plumbing of the plugin's models (see the module docstring)."""
+
+    DEFAULT_IMAGE_SIZE: int = 224
+    NETWORK_OPTIONS: tuple[str, ...] = ()  # hyper-parameters that shape the network's tensors
+    CHECKPOINT_MARKER: tuple[str, str] | None = None  # (a state key prefix only this model has, what else to do)
+
+    # ------------------------------------------------------------------ anomalib contract
+    @classmethod
+    def configure_pre_processor(cls, image_size: tuple[int, int] | None = None) -> PreProcessor:
+        """Resize only: training works on [0, 1] images and the torch model normalises itself."""
+        return resize_only(tuple(image_size) if image_size else (cls.DEFAULT_IMAGE_SIZE,) * 2)
+
+    @staticmethod
+    def configure_evaluator() -> Evaluator:
+        """Image AUROC and F1; pixel AUROC, F1 and AUPRO."""
+        return image_and_pixel_evaluator()
+
+    @property
+    def learning_type(self) -> LearningType:
+        """Trained on normal images only."""
+        return LearningType.ONE_CLASS
+
+    @property
+    def trainer_arguments(self) -> dict[str, Any]:
+        """No sanity validation (the scoring is not ready before training); the epoch budget stays the user's."""
+        return {"num_sanity_val_steps": 0}
+
+    def configure_callbacks(self) -> Any:  # noqa: ANN401
+        """anomalib's component callbacks, after checking the data folder (before anomalib reads or downloads it)."""
+        check_data_folder(getattr(self._trainer, "datamodule", None) if self._trainer is not None else None)
+        return super().configure_callbacks()
+
+    # ------------------------------------------------------------------ checks
+    def setup(self, stage: str) -> None:
+        """Atomic checkpoints with named load errors; for fit, a writable output folder and usable train and
+        validation files."""
+        if self._trainer is None:
+            return
+        use_safe_checkpoint_io(self.trainer)
+        if stage == "fit":
+            check_writable(getattr(self.trainer.checkpoint_callback, "dirpath", None) or self.trainer.default_root_dir)
+            self.check_data("train", "val")
+
+    def check_data(self, *splits: str) -> None:
+        """Check every file of the datamodule's named splits (on rank 0), before the first batch."""
+        datamodule = self.trainer.datamodule
+        for split in splits:
+            dataset = getattr(datamodule, f"{split}_data", None)
+            if dataset is not None and self.global_rank == 0:
+                check_dataset(dataset, split)
+
+    def require_network(self) -> None:
+        """Fail before a run when the network cannot be ready (e.g. its weights file is missing); nothing here."""
+
+    def on_fit_start(self) -> None:
+        """The network is ready; refuse a normalising pre-processor; remember the checkpoint the fit resumed from."""
+        self.require_network()
+        refuse_normalize(self.pre_processor, type(self).__name__)
+        remember_fit(self, finished=False)
+
+    def on_fit_end(self) -> None:
+        """Remember that the fit finished (see :mod:`.resume`)."""
+        remember_fit(self, finished=True)
+
+    def on_validation_start(self) -> None:
+        """The network is ready."""
+        self.require_network()
+
+    def on_test_start(self) -> None:
+        """The network is ready; the test files are usable."""
+        self.require_network()
+        self.check_data("test")
+
+    def on_predict_start(self) -> None:
+        """The network is ready."""
+        self.require_network()
+
+    # ------------------------------------------------------------------ checkpoints
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        """Record the plugin version that wrote the checkpoint."""
+        super().on_save_checkpoint(checkpoint)
+        checkpoint[VERSION_KEY] = plugin_version()
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        """Refuse a checkpoint of another network shape, naming the option; keep the trained network when anomalib
+        tests a resumed fit with the checkpoint it resumed from (:mod:`.resume`); then :meth:`load_plugin_state`.
+        With :attr:`CHECKPOINT_MARKER`, another model's checkpoint is refused first, naming what it looks like."""
+        if self.CHECKPOINT_MARKER is not None:
+            check_model_checkpoint(checkpoint, type(self).__name__, *self.CHECKPOINT_MARKER)
+        check_compatible(self, checkpoint, self.NETWORK_OPTIONS,
+                         path=self._trainer.ckpt_path if self._trainer is not None else None)
+        kept = keep_trained_network(self, checkpoint)
+        super().on_load_checkpoint(checkpoint)
+        self.load_plugin_state(checkpoint, trained_network_kept=kept)
+
+    def load_plugin_state(self, checkpoint: dict[str, Any], trained_network_kept: bool) -> None:
+        """The model's own entries of ``checkpoint`` (none here); ``trained_network_kept``: the network is the
+        trained one, not the checkpoint's."""
+
+    @classmethod
+    def sized_pre_processor(cls, pre_processor: Any, image_size: int) -> Any:  # noqa: ANN401
+        """``pre_processor``, or for ``True`` (the default) the resize-only one at ``image_size``."""
+        return cls.configure_pre_processor((image_size, image_size)) if pre_processor is True else pre_processor
