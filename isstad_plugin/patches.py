@@ -11,14 +11,20 @@ Lightning. They all live here; nothing else in the package touches another libra
   change when anomalib's benchmark job module is (both by the start-up hook ``isstad_plugin_hook``), the timm tag and
   the DDP option by the code that needs them, when it runs.
 
-| change | target (tested) | public? |
-|---|---|---|
-| :func:`register_models`: our model modules on ``anomalib.models.ALLOWED_MODULES``, ``Isstad``/``Cutpaste`` as ``anomalib.models`` attributes | anomalib 2.7.0 | public names |
-| :func:`case_insensitive_model_names`: ``--model isstad`` resolves as ``get_model`` does | jsonargparse 4.46.0 | private ``_typehints.resolve_class_path_by_name`` |
-| :func:`cli_seed_for_plugin_models`: the CLI's ``seed_everything`` applied for our models | anomalib 2.7.0 | ``AnomalibCLI.before_instantiate_classes`` |
-| :func:`mixed_benchmark_results`: ``anomalib benchmark`` tabulates jobs with different result keys | anomalib 2.7.0 | ``BenchmarkJob.collect`` |
-| :func:`register_timm_tag`: an ``arch.tag`` whose weights are a local file | timm 1.0.31 | private ``timm.models._registry`` |
-| :func:`ddp_allow_unused_parameters`: DDP accepts ISSTAD's per-stage unused parameters | Lightning 2.6.6 | private ``DDPStrategy._ddp_kwargs`` |
+The changes, each with the version it targets (tested) and what it touches:
+
+- :func:`register_models`: our model modules on ``anomalib.models.ALLOWED_MODULES``, ``Isstad``/``Cutpaste`` as
+  ``anomalib.models`` attributes (anomalib 2.7.0; public names);
+- :func:`case_insensitive_model_names`: ``--model isstad`` resolves as ``get_model`` does (jsonargparse 4.46.0;
+  private ``_typehints.resolve_class_path_by_name``);
+- :func:`cli_seed_for_plugin_models`: the CLI's ``seed_everything`` applied for our models (anomalib 2.7.0;
+  ``AnomalibCLI.before_instantiate_classes``);
+- :func:`mixed_benchmark_results`: ``anomalib benchmark`` tabulates jobs with different result keys (anomalib 2.7.0;
+  ``BenchmarkJob.collect``);
+- :func:`register_timm_tag`: an ``arch.tag`` whose weights are a local file (timm 1.0.31; private
+  ``timm.models._registry``);
+- :func:`ddp_allow_unused_parameters`: DDP accepts ISSTAD's per-stage unused parameters (Lightning 2.6.6; private
+  ``DDPStrategy._ddp_kwargs``).
 """
 
 from __future__ import annotations

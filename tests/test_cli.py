@@ -54,17 +54,28 @@ def test_model_spellings_resolve_in_the_cli(spelling: str, tile_root: Path) -> N
     assert "backbone: vit_tiny" in result.stdout
 
 
-def test_test_predict_and_export_commands(trained_checkpoint: Path, tile_root: Path, tmp_path: Path) -> None:
-    result = run(BIN / "anomalib", "test", "--model", "Isstad", *MODEL_FLAGS, "--ckpt_path", trained_checkpoint,
+def test_test_predict_and_export_commands_need_only_the_checkpoint(trained_checkpoint: Path, tile_root: Path,
+                                                                   tmp_path: Path) -> None:
+    """The checkpoint carries every option it was trained with: ``--model isstad --ckpt_path CKPT`` is enough."""
+    result = run(BIN / "anomalib", "test", "--model", "isstad", "--ckpt_path", trained_checkpoint,
                  *data_flags(tile_root), "--trainer.accelerator", "cpu", "--default_root_dir", tmp_path / "test")
     assert "pixel_AUPRO" in result.stdout
-    run(BIN / "anomalib", "predict", "--model", "isstad_plugin.Isstad", *MODEL_FLAGS, "--ckpt_path",
-        trained_checkpoint, "--data", tile_root / "magnetic_tile" / "test" / "crack", "--trainer.accelerator", "cpu",
+    assert "image_size=64" in result.stdout + result.stderr  # the log names the options taken from the checkpoint
+    run(BIN / "anomalib", "predict", "--model", "isstad", "--ckpt_path", trained_checkpoint, "--data",
+        tile_root / "magnetic_tile" / "test" / "crack", "--trainer.accelerator", "cpu",
         "--default_root_dir", tmp_path / "predict")
     assert len(list((tmp_path / "predict").rglob("images/**/*.png"))) == 3
-    run(BIN / "anomalib", "export", "--model", "isstad", *MODEL_FLAGS, "--ckpt_path", trained_checkpoint,
+    run(BIN / "anomalib", "export", "--model", "isstad", "--ckpt_path", trained_checkpoint,
         "--export_type", "openvino", "--default_root_dir", tmp_path / "export")
     assert (tmp_path / "export" / "weights" / "openvino" / "model.xml").is_file()
+    # options given explicitly must agree with the checkpoint
+    result = subprocess.run([str(BIN / "anomalib"), "test", "--model", "isstad", "--model.image_size", "96",
+                             "--ckpt_path", str(trained_checkpoint), *map(str, data_flags(tile_root)),
+                             "--trainer.accelerator", "cpu", "--default_root_dir", str(tmp_path / "conflict")],
+                            capture_output=True, text=True, timeout=300, check=False)
+    assert result.returncode != 0
+    last = (result.stdout + result.stderr).strip().splitlines()[-1]
+    assert "trained with image_size=64 (given: 96)" in last, last
 
 
 def test_configs_parse_as_anomalib_configs() -> None:

@@ -1,4 +1,5 @@
-"""Timing statistics, a one-line machine description and its matmul peak, shared by ``isstad-benchmark`` and ``benchmarks/``."""
+"""Timing statistics, a one-line machine description and its matmul peak, shared by ``isstad-benchmark`` and
+``benchmarks/``."""
 
 from __future__ import annotations
 

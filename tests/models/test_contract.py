@@ -71,3 +71,29 @@ def test_checkpoints_name_the_version_and_refuse_another_network_shape(model_cla
     assert checkpoint[VERSION_KEY]
     with pytest.raises(ValueError, match=rf"trained with {option}=.*pass --model.{option}"):
         model_class(**options).on_load_checkpoint(checkpoint)
+
+
+@parametrised
+def test_the_checkpoint_is_enough_to_test_it(model_class: type, tile_root: Path, tmp_path: Path) -> None:
+    """``anomalib test --model <name> --ckpt_path CKPT`` with no other option scores exactly like the trained model;
+    an option given with another value than the checkpoint's fails naming both."""
+    options, (option, other_value) = MODELS[model_class]
+
+    def engine(name: str) -> Engine:
+        return Engine(default_root_dir=tmp_path / name, accelerator="cpu", devices=1, logger=False,
+                      enable_progress_bar=False)
+
+    def data() -> MVTecAD:
+        return MVTecAD(root=tile_root, category="magnetic_tile", train_batch_size=8, eval_batch_size=8, num_workers=0)
+
+    trained, training = model_class(**options), engine("train")
+    training.fit(model=trained, datamodule=data())
+    expected = training.test(model=trained, datamodule=data())[0]
+    (checkpoint,) = (tmp_path / "train").rglob("model.ckpt")
+    restored = model_class()  # the constructor's defaults: another network than the trained one
+    assert restored.hparams[option] != trained.hparams[option]
+    results = engine("test").test(model=restored, datamodule=data(), ckpt_path=checkpoint)[0]
+    assert results == pytest.approx(expected, abs=1e-6)
+    assert restored.hparams[option] == trained.hparams[option]
+    with pytest.raises(ValueError, match=rf"trained with .*{option}=.*\(given: .*leave these options out"):
+        engine("conflict").test(model=model_class(**{option: other_value}), datamodule=data(), ckpt_path=checkpoint)

@@ -22,13 +22,18 @@ Example:
 
 from __future__ import annotations
 
+import inspect
+import logging
 from typing import Any
 
 from anomalib import LearningType
 from anomalib.metrics import Evaluator
 from anomalib.pre_processing import PreProcessor
+from lightning.pytorch.trainer.states import TrainerFn
+from torch import nn
 
 from isstad_plugin.data_checks import check_data_folder, check_dataset
+from isstad_plugin.errors import input_error
 
 from .checkpoints import (
     VERSION_KEY,
@@ -42,6 +47,8 @@ from .evaluation import image_and_pixel_evaluator
 from .export import SafeFilesMixin
 from .pre_processing import refuse_normalize, resize_only
 from .resume import keep_trained_network, remember_fit
+
+logger = logging.getLogger(__name__)
 
 LIGHTNING_DEFAULT_MAX_EPOCHS = 1000  # a trainer with this max_epochs and no max_steps was given no budget
 
@@ -133,14 +140,56 @@ class PluginModel(SafeFilesMixin):
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         """Refuse a checkpoint of another network shape, naming the option; keep the trained network when anomalib
         tests a resumed fit with the checkpoint it resumed from (:mod:`.resume`); then :meth:`load_plugin_state`.
-        With :attr:`CHECKPOINT_MARKER`, another model's checkpoint is refused first, naming what it looks like."""
+        With :attr:`CHECKPOINT_MARKER`, another model's checkpoint is refused first, naming what it looks like.
+        Outside a fit the checkpoint's options are adopted first (:meth:`adopt_checkpoint_options`)."""
         if self.CHECKPOINT_MARKER is not None:
             check_model_checkpoint(checkpoint, type(self).__name__, *self.CHECKPOINT_MARKER)
+        if self._trainer is not None and self.trainer.state.fn != TrainerFn.FITTING:
+            self.adopt_checkpoint_options(checkpoint)
         check_compatible(self, checkpoint, self.NETWORK_OPTIONS,
                          path=self._trainer.ckpt_path if self._trainer is not None else None)
         kept = keep_trained_network(self, checkpoint)
         super().on_load_checkpoint(checkpoint)
+        datamodule = getattr(self._trainer, "datamodule", None) if self._trainer is not None else None
+        if datamodule is not None and self.trainer.state.fn != TrainerFn.FITTING:
+            # the datamodule resized its subsets for the pre-processor as it was before the checkpoint restored it
+            datamodule.setup(self.trainer.state.stage)
         self.load_plugin_state(checkpoint, trained_network_kept=kept)
+
+    def adopt_checkpoint_options(self, checkpoint: dict[str, Any]) -> None:
+        """Take the options ``checkpoint`` was trained with wherever this model has its constructor's defaults, and
+        rebuild the network (:meth:`build_network`) with them, so ``anomalib test|predict --model <name> --ckpt_path
+        CKPT`` needs no other option. An option given with another value than the checkpoint's fails, naming both.
+
+        Not while fitting: a resumed fit keeps the options it was given (the network shape must still match).
+        """
+        saved = checkpoint.get("hyper_parameters") or {}
+        parameters = inspect.signature(type(self).__init__).parameters
+        defaults = {name: parameter.default for name, parameter in parameters.items()
+                    if name not in COMPONENTS and parameter.default is not inspect.Parameter.empty}
+        adopted, conflicts = {}, []
+        for name in defaults.keys() & saved.keys():
+            current = self.hparams.get(name, defaults[name])
+            if _plain(saved[name]) == _plain(current):
+                continue
+            if _plain(current) == _plain(defaults[name]):
+                adopted[name] = saved[name]
+            else:
+                conflicts.append(f"{name}={saved[name]!r} (given: {current!r})")
+        path = self._trainer.ckpt_path if self._trainer is not None else None
+        if conflicts:
+            msg = (f"The checkpoint {path or ''} was trained with {', '.join(sorted(conflicts))}: leave these options "
+                   "out (the checkpoint provides every option it was trained with) or pass the checkpoint's values.")
+            raise input_error(msg)
+        if adopted:
+            self.hparams.update(adopted)
+            self.model = self.build_network().to(self.device)
+            logger.info("%s: options from the checkpoint %s: %s.", type(self).__name__, path or "",
+                        ", ".join(f"{name}={value!r}" for name, value in sorted(adopted.items())))
+
+    def build_network(self) -> nn.Module:
+        """The torch model of the options in ``hparams`` (each model defines it)."""
+        raise NotImplementedError
 
     def load_plugin_state(self, checkpoint: dict[str, Any], trained_network_kept: bool) -> None:
         """The model's own entries of ``checkpoint`` (none here); ``trained_network_kept``: the network is the
@@ -150,3 +199,13 @@ class PluginModel(SafeFilesMixin):
     def sized_pre_processor(cls, pre_processor: Any, image_size: int) -> Any:  # noqa: ANN401
         """``pre_processor``, or for ``True`` (the default) the resize-only one at ``image_size``."""
         return cls.configure_pre_processor((image_size, image_size)) if pre_processor is True else pre_processor
+
+
+COMPONENTS = {"pre_processor", "post_processor", "evaluator", "visualizer"}  # never hyper-parameters
+
+
+def _plain(value: Any) -> Any:  # noqa: ANN401
+    """``value`` with tuples as lists (a YAML list and the same tuple default compare equal)."""
+    if isinstance(value, tuple | list):
+        return [_plain(item) for item in value]
+    return value

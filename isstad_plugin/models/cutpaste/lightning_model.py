@@ -113,17 +113,17 @@ class Cutpaste(PluginModel, AnomalibModule):
                       fractions={"momentum": momentum})
         super().__init__(pre_processor=self.sized_pre_processor(pre_processor, image_size),
                          post_processor=post_processor, evaluator=evaluator, visualizer=visualizer)
-        self.model = CutpasteModel(
-            backbone=backbone,
-            head_layers=tuple(head_layers),
-            patch_size=patch_size,
-            patch_stride=patch_stride,
-            score_sigma=score_sigma,
-        )
+        self.model = self.build_network()
         self.augmentation = CutPaste(jitter=jitter, seed=augmentation_seed)
         self._backbone_initialised = False
         self._density_stale = False  # True once training changed the weights the Gaussians were fitted with
         self._score_validation = True
+
+    def build_network(self) -> CutpasteModel:
+        """The torch model of the options in ``hparams``."""
+        hp = self.hparams
+        return CutpasteModel(backbone=hp.backbone, head_layers=tuple(hp.head_layers), patch_size=hp.patch_size,
+                             patch_stride=hp.patch_stride, score_sigma=hp.score_sigma)
 
     # ------------------------------------------------------------------ anomalib contract
     @classmethod

@@ -3,9 +3,7 @@
 Stage 1 (MAE on normal images) and stage 2 (frozen encoder; decoder and per-block pixel-status heads trained on
 synthetically corrupted images) run back to back in one ``fit``; :mod:`.stages` owns the switch.
 
-Example (``anomalib.data.MVTecAD``, ``anomalib.engine.Engine``):
-    >>> model = Isstad(backbone="vit_tiny", image_size=128, stage1_epochs=4, stage2_epochs=4)
-    >>> Engine().train(model=model, datamodule=MVTecAD(root="datasets/MVTecAD", category="bottle"))
+Example: ``Engine().train(model=Isstad(backbone="vit_tiny", image_size=128), datamodule=MVTecAD(...))``.
 """
 
 from __future__ import annotations
@@ -150,23 +148,25 @@ class Isstad(PluginModel, AnomalibModule):
         check_options(locals())
         super().__init__(pre_processor=self.sized_pre_processor(pre_processor, image_size),
                          post_processor=post_processor, evaluator=evaluator, visualizer=visualizer)
-        self.model = IsstadModel(
-            backbone=backbone, image_size=(image_size, image_size), patch_size=patch_size,
-            decoder_embed_dim=decoder_embed_dim, decoder_depth=decoder_depth, decoder_num_heads=decoder_num_heads,
-            score_sigma=score_sigma, anomaly_map_kind=anomaly_map_kind, image_score=image_score,
-            image_score_top_fraction=image_score_top_fraction, map_calibration=map_calibration,
-            image_score_map=image_score_map, **NORMALIZATIONS[normalization],
-        )
+        self.model = self.build_network()
         self.loss = Stage2Loss(ce_class_weights, mse_weight, ssim_weight)
         self.stage1_augmentation = stage1_augmentation(image_size)
         self.corruption = SyntheticCorruption.with_preset_options(
             max_shapes, restrict_to_foreground, remove_dark, probability=corruption_probability,
-            seed=corruption_seed, masks=corruption_masks, transforms=tuple(corruption_fills),
-        )
+            seed=corruption_seed, masks=corruption_masks, transforms=tuple(corruption_fills))
         self.weights = DeferredWeights(weights)
         self.stage_plan = StagePlan.from_options(self.hparams)  # TwoStageSchedule fits it to the trainer
-        self.stage = 0
         self.enter_stage(self.stage_plan.stage_at(0))
+
+    def build_network(self) -> IsstadModel:
+        """The torch model of the options in ``hparams``."""
+        hp = self.hparams
+        return IsstadModel(
+            backbone=hp.backbone, image_size=(hp.image_size,) * 2, patch_size=hp.patch_size,
+            decoder_embed_dim=hp.decoder_embed_dim, decoder_depth=hp.decoder_depth, score_sigma=hp.score_sigma,
+            decoder_num_heads=hp.decoder_num_heads, anomaly_map_kind=hp.anomaly_map_kind, image_score=hp.image_score,
+            image_score_top_fraction=hp.image_score_top_fraction, map_calibration=hp.map_calibration,
+            image_score_map=hp.image_score_map, **NORMALIZATIONS[hp.normalization])
 
     def to_onnx(self, export_root: Path | str, model_file_name: str = "model",
                 input_size: tuple[int, int] | None = None, **kwargs) -> Path:

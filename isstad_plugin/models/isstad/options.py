@@ -54,7 +54,8 @@ OPTION_DETAILS = {
                           "``max_steps``/``max_time`` budget, or an ``EarlyStopping``/monitored checkpoint callback.",
     "checkpoint_every_n_epochs": "0: stage ends only. Applies to anomalib's default checkpoint; a user's "
                                  "``ModelCheckpoint`` is kept.",
-    "train_cache_gb": "At 0 anomalib decodes them every epoch, as it always does; the cache is skipped with random train augmentations.",
+    "train_cache_gb": "At 0 anomalib decodes them every epoch, as it always does; the cache is skipped with random "
+                      "train augmentations.",
 }
 
 
