@@ -108,3 +108,20 @@ def test_only_rows_of_the_current_configuration_are_published() -> None:
     assert [row["model"] for row in rows] == ["isstad"]
     assert missing == [f"{patchcore.name}/magnetic_tile: not run with the current configuration (run it to include it)",
                        "cutpaste/magnetic_tile: failed, see its job.log"]
+
+
+def test_several_seeds_give_mean_and_std_and_list_every_run() -> None:
+    from isstad_plugin.benchmark.report import markdown
+
+    base = {"model": "isstad", "category": "magnetic_tile", "backbone": "vit_tiny", "pretrained": "no",
+            "weights": "-", "epochs": 2, "input_px": "64x64", "torch_ms": 1, "openvino_ms": 1, "peak_rss_MB": 900,
+            "params_M": 6, "image_F1": 0.5, "pixel_F1": 0.2, "pixel_AUROC": 0.6, "pixel_AUPRO": 0.4}
+    rows = [{**base, "seed": seed, "image_AUROC": auroc, "train_min": minutes}
+            for seed, auroc, minutes in ((42, 0.6, 1.0), (0, 0.8, 3.0))]
+    text = markdown(rows, ["# page"])
+    assert "| isstad | magnetic_tile | 2 (42, 0) | 0.700 ± 0.141 | 0.500 ± 0.000 |" in text
+    assert "| 2 | 2 | 1 | 1 | 64x64 |" in text  # costs: the mean minutes over the seeds
+    assert "## Every run" in text and "| isstad | magnetic_tile | 0 | 0.8000 |" in text
+    config = load_config(REPO / "configs/benchmark/tiny.yaml", ["seeds=[42,0]"])
+    assert config.all_seeds == [42, 0]
+    assert config.row_spec(config.runs[0], "magnetic_tile", 42) == config.row_spec(config.runs[0], "magnetic_tile")

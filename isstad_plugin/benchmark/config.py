@@ -44,17 +44,24 @@ class BenchmarkConfig:
     categories: list[str]
     runs: list[RunSpec]
     seed: int = 42
+    seeds: list[int] = field(default_factory=list)  # several: one row per seed, the page gives mean +- std
     output_dir: str = "results/benchmark"
     trainer: dict[str, Any] = field(default_factory=lambda: {"accelerator": "cpu", "devices": 1})
     latency_repeats: int = 20
     threads: int = 2
     title: str = "Benchmark"
 
-    def row_spec(self, run: RunSpec, category: str) -> dict[str, Any]:
+    @property
+    def all_seeds(self) -> list[int]:
+        """The seeds every (run, category) trains with: ``seeds``, else the one ``seed``. A seed sets the training
+        randomness and the validation/test split of the test folder, the same split for every model."""
+        return list(self.seeds) or [self.seed]
+
+    def row_spec(self, run: RunSpec, category: str, seed: int | None = None) -> dict[str, Any]:
         """Everything one row's job needs, JSON-serialisable; its hash decides whether a stored row is current."""
         data = {"class_path": self.data["class_path"],
                 "init_args": {**self.data.get("init_args", {}), "category": category}}
-        return {"run": asdict(run), "category": category, "data": data, "seed": self.seed,
+        return {"run": asdict(run), "category": category, "data": data, "seed": self.seed if seed is None else seed,
                 "trainer": {**self.trainer, **run.trainer}, "latency_repeats": self.latency_repeats,
                 "threads": self.threads}
 

@@ -19,7 +19,7 @@ from pathlib import Path
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
 
-from .config import BenchmarkConfig, load_config, spec_hash
+from .config import BenchmarkConfig, RunSpec, load_config, spec_hash
 from .report import chart, markdown, publish, read_rows, write_rows
 from .timing import machine
 
@@ -66,25 +66,34 @@ def missing_data_folders(config: BenchmarkConfig) -> list[str]:
     return [str(Path(root) / category) for category in config.categories if not (Path(root) / category).is_dir()]
 
 
+def row_key(row: dict, config: BenchmarkConfig) -> tuple[str, str, int]:
+    """``(run name, category, seed)`` of a result row (rows written before seeds were recorded: the config's)."""
+    return row["model"], row["category"], int(row.get("seed") or config.seed)
+
+
+def planned(config: BenchmarkConfig) -> list[tuple[RunSpec, str, int]]:
+    """Every (run, category, seed) of the config, in its order."""
+    return [(run, category, seed) for run in config.runs for category in config.categories for seed in config.all_seeds]
+
+
 def ordered(rows_by_key: dict, config: BenchmarkConfig) -> list[dict]:
-    """Rows in the config's order (runs, then categories); rows of runs no longer configured go last."""
-    order = {(run.name, category): i for i, (run, category) in
-             enumerate((run, category) for run in config.runs for category in config.categories)}
-    return sorted(rows_by_key.values(), key=lambda row: order.get((row["model"], row["category"]), len(order)))
+    """Rows in the config's order (runs, categories, seeds); rows no longer configured go last."""
+    order = {(run.name, category, seed): i for i, (run, category, seed) in enumerate(planned(config))}
+    return sorted(rows_by_key.values(), key=lambda row: order.get(row_key(row, config), len(order)))
 
 
 def current_rows(
     rows_by_key: dict, config: BenchmarkConfig, failed: set[tuple[str, str]],
 ) -> tuple[list[dict], list[str]]:
     """Rows finished with the config as it is now (in its order), and a note for each configured row that is not."""
-    wanted = {(run.name, category): spec_hash(config.row_spec(run, category))
-              for run in config.runs for category in config.categories}
-    rows = [row for row in ordered(rows_by_key, config)
-            if wanted.get((row["model"], row["category"])) == row["spec_hash"]]
-    finished = {(row["model"], row["category"]) for row in rows}
-    missing = [f"{name}/{category}: " + ("failed, see its job.log" if (name, category) in failed
-                                         else "not run with the current configuration (run it to include it)")
-               for name, category in wanted if (name, category) not in finished]
+    wanted = {(run.name, category, seed): spec_hash(config.row_spec(run, category, seed))
+              for run, category, seed in planned(config)}
+    rows = [row for row in ordered(rows_by_key, config) if wanted.get(row_key(row, config)) == row["spec_hash"]]
+    finished = {row_key(row, config) for row in rows}
+    missing = [f"{name}/{category} seed {seed}: " + (
+        "failed, see its job.log" if (name, category, seed) in failed
+        else "not run with the current configuration (run it to include it)")
+        for name, category, seed in wanted if (name, category, seed) not in finished]
     return rows, missing
 
 
@@ -94,7 +103,9 @@ def header_lines(config: BenchmarkConfig, command: str) -> list[str]:
         f"# {config.title}",
         "",
         f"Command: `{command}`",
-        f"Machine: {machine()}; {config.threads} threads for training and timing; seed {config.seed}.",
+        f"Machine: {machine()}; {config.threads} threads for training and timing; "
+        + (f"seeds {', '.join(map(str, config.all_seeds))} (mean ± std over them; every run below the tables)."
+           if len(config.all_seeds) > 1 else f"seed {config.seed}."),
         "Each row trains on the train split with a fixed number of epochs (no early stopping, no model selection),",
         "sets the image and pixel thresholds on the validation split and reports the disjoint test split.",
         "Latencies are batch-1 medians of the whole pipeline (resize, network, scoring, post-processing) on a",
@@ -129,32 +140,34 @@ def main(argv: list[str] | None = None) -> int:
     csv_path = output_dir / "results.csv"
     kept = [] if args.fresh else read_rows(csv_path)
     command = shlex.join(["isstad-benchmark", *(argv if argv is not None else sys.argv[1:])])
-    rows_by_key = {(row["model"], row["category"]): row for row in kept}
-    failed: set[tuple[str, str]] = set()
-    work = [(run, category) for run in runs for category in config.categories]
+    rows_by_key = {row_key(row, config): row for row in kept}
+    failed: set[tuple[str, str, int]] = set()
+    work = [(run, category, seed) for run, category, seed in planned(config) if run in runs]
 
     columns = (SpinnerColumn(), TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
                TimeElapsedColumn(), TextColumn("[dim]{task.fields[status]}"))
     console = Console()
     with Progress(*columns, console=console) as progress:
         task = progress.add_task("benchmark", total=len(work), status="")
-        for run, category in work:
-            spec = config.row_spec(run, category)
+        for run, category, seed in work:
+            spec = config.row_spec(run, category, seed)
             digest = spec_hash(spec)
-            key = (run.name, category)
+            key = (run.name, category, seed)
+            label = f"{run.name}/{category}" + (f" seed {seed}" if len(config.all_seeds) > 1 else "")
             if key in rows_by_key and rows_by_key[key]["spec_hash"] == digest:
-                progress.console.print(f"kept {run.name}/{category} (finished earlier, same configuration)",
-                                       soft_wrap=True)
+                progress.console.print(f"kept {label} (finished earlier, same configuration)", soft_wrap=True)
                 progress.advance(task)
                 continue
-            progress.update(task, description=f"{run.name}/{category}", status="starting")
-            row = run_row(spec, output_dir / "runs" / run.name / category, progress, task)
+            progress.update(task, description=label, status="starting")
+            row_dir = output_dir / "runs" / run.name / category
+            row = run_row(spec, row_dir if seed == config.seed else row_dir.with_name(f"{category}-seed{seed}"),
+                          progress, task)
             if row is None:
                 rows_by_key.pop(key, None)  # an earlier row of another configuration must not stand in for it
                 failed.add(key)
             else:
                 rows_by_key[key] = {**row, "spec_hash": digest}
-                summary = (f"[green]{run.name}/{category}[/green] image AUROC {row['image_AUROC']:.3f}, "
+                summary = (f"[green]{label}[/green] image AUROC {row['image_AUROC']:.3f}, "
                            f"pixel AUROC {row['pixel_AUROC']:.3f}, AUPRO {row['pixel_AUPRO']:.3f}, "
                            f"trained {row['train_min']:.1f} min")
                 progress.console.print(summary, soft_wrap=True)
@@ -175,7 +188,8 @@ def main(argv: list[str] | None = None) -> int:
         shutil.copyfile(csv_path, args.publish.with_suffix(".csv"))
     console.print(f"results: {csv_path}, {output_dir / 'results.md'}" + (f", {args.publish}" if args.publish else ""))
     if failed:
-        logs = [str(output_dir / "runs" / name / category / "job.log") for name, category in sorted(failed)]
+        logs = [str(output_dir / "runs" / name / (category if seed == config.seed else f"{category}-seed{seed}")
+                    / "job.log") for name, category, seed in sorted(failed)]
         console.print(f"[red]{len(failed)} row(s) failed:[/red] " + "; ".join(logs), soft_wrap=True)
         return 1
     return 0

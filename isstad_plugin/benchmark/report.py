@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import statistics
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -48,15 +49,55 @@ def markdown_table(header: Sequence[str], rows: Sequence[Sequence[object]]) -> s
     return "\n".join(lines)
 
 
+NUMERIC_COSTS = ["train_min", "torch_ms", "openvino_ms", "peak_rss_MB", "params_M"]
+
+
+def aggregate(rows: Sequence[dict[str, object]]) -> list[dict[str, object]]:
+    """One row per (model, category), in first-seen order: metrics and costs as means over its seeds, with
+    ``<metric>_std`` (0 for one seed) and ``seeds`` (how many, and which)."""
+    groups: dict[tuple[str, str], list[dict[str, object]]] = {}
+    for row in rows:
+        groups.setdefault((str(row["model"]), str(row["category"])), []).append(row)
+    merged = []
+    for group in groups.values():
+        row = dict(group[0])
+        for column in [*METRICS, *NUMERIC_COSTS]:
+            values = [float(r[column]) for r in group]
+            row[column] = statistics.fmean(values)
+            row[f"{column}_std"] = statistics.stdev(values) if len(values) > 1 else 0.0
+        row["seeds"] = f"{len(group)} ({', '.join(str(r.get('seed', '')) for r in group)})"
+        merged.append(row)
+    return merged
+
+
 def markdown(rows: Sequence[dict[str, object]], header_lines: Sequence[str], failed: Sequence[str] = ()) -> str:
-    """The results page: ``header_lines``, the metric table, the cost table, and the rows missing from them."""
-    def table(columns: list[str]) -> str:
-        return markdown_table(columns, [[row.get(column, "") for column in columns] for row in rows])
+    """The results page: ``header_lines``, the metric table, the cost table, and the rows missing from them.
+
+    With several seeds per (model, category), the tables give mean ± std over them and every run is listed below.
+    """
+    merged = aggregate(rows)
+    several = any(not str(row["seeds"]).startswith("1 ") for row in merged)
+
+    def cell(row: dict[str, object], column: str) -> object:
+        if column in METRICS and several:
+            return f"{float(row[column]):.3f} ± {float(row[f'{column}_std']):.3f}"
+        if column in NUMERIC_COSTS:
+            return f"{float(row[column]):.4g}"
+        return f"{float(row[column]):.4f}" if column in METRICS else row.get(column, "")
+
+    def table(source: Sequence[dict[str, object]], columns: list[str]) -> str:
+        return markdown_table(columns, [[cell(row, column) for column in columns] for row in source])
 
     lines = [*header_lines, "", "## Detection and segmentation (test split)", "",
-             table(["model", "category", *METRICS]), "", "## Cost and provenance", "",
-             table(["model", "category", "backbone", "pretrained", "weights", "epochs", "train_min", "torch_ms",
-                    "openvino_ms", "input_px", "peak_rss_MB", "params_M"])]
+             table(merged, ["model", "category", *(["seeds"] if several else []), *METRICS]), "",
+             "## Cost and provenance" + (" (means over the seeds)" if several else ""), "",
+             table(merged, ["model", "category", "backbone", "pretrained", "weights", "epochs", "train_min",
+                            "torch_ms", "openvino_ms", "input_px", "peak_rss_MB", "params_M"])]
+    if several:
+        lines += ["", "## Every run", "", markdown_table(
+            ["model", "category", "seed", *METRICS, "train_min"],
+            [[row["model"], row["category"], row.get("seed", ""), *(f"{float(row[m]):.4f}" for m in METRICS),
+              row["train_min"]] for row in rows])]
     if failed:
         lines += ["", "## Rows missing from the tables", "", *[f"- {name}" for name in failed]]
     return "\n".join(lines) + "\n"
@@ -72,13 +113,15 @@ def publish(text: str, path: Path) -> None:
 
 
 def chart(rows: Sequence[dict[str, object]], path: Path) -> None:
-    """Grouped bars: the five metrics per model (one panel per category), plus training minutes."""
+    """Grouped bars: the five metrics per model (one panel per category; means with std bars over seeds), plus
+    training minutes."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     import numpy as np
 
+    rows = aggregate(rows)
     categories = list(dict.fromkeys(str(row["category"]) for row in rows))
     fig, axes = plt.subplots(len(categories), 2, figsize=(13, 3.8 * len(categories)), squeeze=False,
                              gridspec_kw={"width_ratios": [3, 1]})
@@ -88,7 +131,9 @@ def chart(rows: Sequence[dict[str, object]], path: Path) -> None:
         width = 0.8 / len(METRICS)
         for i, metric in enumerate(METRICS):
             values = [float(row[metric]) for row in subset]
-            bars = metric_ax.bar(np.arange(len(subset)) + i * width, values, width, label=metric)
+            errors = [float(row[f"{metric}_std"]) for row in subset]
+            bars = metric_ax.bar(np.arange(len(subset)) + i * width, values, width, label=metric,
+                                 yerr=errors if any(errors) else None, capsize=2)
             metric_ax.bar_label(bars, fmt="%.2f", fontsize=6, padding=1)
         metric_ax.set_xticks(np.arange(len(subset)) + 0.4 - width / 2, names, rotation=15, fontsize=8)
         metric_ax.set_ylim(0, 1.08)
