@@ -43,6 +43,7 @@ def trained_checkpoint(tile_root: Path, tmp_path_factory: pytest.TempPathFactory
         assert metric in result.stdout + result.stderr
     checkpoints = {path.name: path for path in out.rglob("*.ckpt")}
     assert sorted(checkpoints) == ["model.ckpt", "stage1.ckpt"]  # the trained model, and the MAE after stage 1
+    assert f"checkpoint written: {checkpoints['model.ckpt'].resolve()}" in result.stdout + result.stderr
     return checkpoints["model.ckpt"]
 
 
@@ -61,13 +62,18 @@ def test_test_predict_and_export_commands_need_only_the_checkpoint(trained_check
                  *data_flags(tile_root), "--trainer.accelerator", "cpu", "--default_root_dir", tmp_path / "test")
     assert "pixel_AUPRO" in result.stdout
     assert "image_size=64" in result.stdout + result.stderr  # the log names the options taken from the checkpoint
-    run(BIN / "anomalib", "predict", "--model", "isstad", "--ckpt_path", trained_checkpoint, "--data",
-        tile_root / "magnetic_tile" / "test" / "crack", "--trainer.accelerator", "cpu",
-        "--default_root_dir", tmp_path / "predict")
-    assert len(list((tmp_path / "predict").rglob("images/**/*.png"))) == 3
-    run(BIN / "anomalib", "export", "--model", "isstad", "--ckpt_path", trained_checkpoint,
-        "--export_type", "openvino", "--default_root_dir", tmp_path / "export")
+    result = run(BIN / "anomalib", "predict", "--model", "isstad", "--ckpt_path", trained_checkpoint, "--data",
+                 tile_root / "magnetic_tile" / "test" / "crack", "--trainer.accelerator", "cpu",
+                 "--default_root_dir", tmp_path / "predict")
+    pictures = list((tmp_path / "predict").rglob("images/**/*.png"))
+    assert len(pictures) == 3
+    said = re.search(r"predict pictures written under (\S+)", result.stdout + result.stderr)
+    assert said and all(Path(said.group(1)) in picture.parents for picture in pictures)  # the command says where
+    result = run(BIN / "anomalib", "export", "--model", "isstad", "--ckpt_path", trained_checkpoint,
+                 "--export_type", "openvino", "--default_root_dir", tmp_path / "export")
     assert (tmp_path / "export" / "weights" / "openvino" / "model.xml").is_file()
+    assert f"Exported {(tmp_path / 'export' / 'weights' / 'openvino' / 'model.xml').resolve()}" in (
+        result.stdout + result.stderr)
     # options given explicitly must agree with the checkpoint
     result = subprocess.run([str(BIN / "anomalib"), "test", "--model", "isstad", "--model.image_size", "96",
                              "--ckpt_path", str(trained_checkpoint), *map(str, data_flags(tile_root)),

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import inspect
 import logging
+from pathlib import Path
 from typing import Any
 
 from anomalib import LearningType
@@ -115,8 +116,26 @@ class PluginModel(SafeFilesMixin):
         remember_fit(self, finished=False)
 
     def on_fit_end(self) -> None:
-        """Remember that the fit finished (see :mod:`.resume`)."""
+        """Remember that the fit finished (see :mod:`.resume`); say where the checkpoint is."""
         remember_fit(self, finished=True)
+        checkpoint = self.trainer.checkpoint_callback
+        written = getattr(checkpoint, "best_model_path", "") or getattr(checkpoint, "dirpath", None)
+        if written:
+            logger.info("%s: checkpoint written: %s", type(self).__name__, Path(written).resolve())
+
+    def on_test_end(self) -> None:
+        """Say where the pictures went."""
+        self.report_pictures("test")
+
+    def on_predict_end(self) -> None:
+        """Say where the pictures went."""
+        self.report_pictures("predict")
+
+    def report_pictures(self, run: str) -> None:
+        """Log the folder anomalib's visualizer wrote this ``run``'s pictures to (nothing without pictures)."""
+        folder = getattr(self.visualizer, "output_dir", None)
+        if folder is not None and Path(folder).is_dir():
+            logger.info("%s: %s pictures written under %s", type(self).__name__, run, Path(folder).resolve())
 
     def on_validation_start(self) -> None:
         """The network is ready."""

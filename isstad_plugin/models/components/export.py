@@ -15,6 +15,7 @@ Example:
 
 from __future__ import annotations
 
+import logging
 import os
 import shutil
 import tempfile
@@ -24,6 +25,7 @@ from typing import Any
 
 from isstad_plugin.models.components.checkpoints import check_checkpoint_file
 
+logger = logging.getLogger(__name__)
 _depth = 0  # exports in progress: to_openvino runs to_onnx inside itself
 
 
@@ -64,6 +66,8 @@ def export_atomically(export: Callable[..., Path], export_root: str | Path, *arg
             if file != staged_model:
                 os.replace(file, target / file.name)
         os.replace(staged_model, final_model)
+        if _depth == 1:
+            logger.info("Exported %s (with the files beside it in %s).", final_model.resolve(), target.resolve())
         return final_model
     finally:
         _depth -= 1
