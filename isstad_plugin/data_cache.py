@@ -77,7 +77,10 @@ def _cached_train_dataloader(self: Any) -> DataLoader:  # noqa: ANN401
 
 
 def release_train_cache(datamodule: Any) -> None:  # noqa: ANN401
-    """Give ``datamodule`` its own training subset and train loader back (after a fit, or before a new cache)."""
+    """Give ``datamodule`` its own training subset and train loader back (after a fit, or before a new cache); no
+    datamodule: nothing to do."""
+    if datamodule is None:
+        return
     dataset = getattr(datamodule, "train_data", None)
     if isinstance(dataset, InMemoryDataset):
         # anomalib's datamodule.setup may have set a model's resize on the wrapper since: pass it on.

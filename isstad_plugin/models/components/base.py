@@ -46,6 +46,7 @@ from .checkpoints import (
 )
 from .evaluation import image_and_pixel_evaluator
 from .export import SafeFilesMixin
+from .guard_rails import RunTimeEstimate, fit_workers_to_cores
 from .pre_processing import refuse_normalize, resize_only
 from .resume import keep_trained_network, remember_fit
 
@@ -59,6 +60,7 @@ class PluginModel(SafeFilesMixin):
 
     DEFAULT_IMAGE_SIZE: int = 224
     NETWORK_OPTIONS: tuple[str, ...] = ()  # hyper-parameters that shape the network's tensors
+    CPU_CONFIG: str = "a smaller configuration"  # named when a run would take hours here (.guard_rails)
     CHECKPOINT_MARKER: tuple[str, str] | None = None  # (a state key prefix only this model has, what else to do)
 
     # ------------------------------------------------------------------ anomalib contract
@@ -83,9 +85,10 @@ class PluginModel(SafeFilesMixin):
         return {"num_sanity_val_steps": 0}
 
     def configure_callbacks(self) -> Any:  # noqa: ANN401
-        """anomalib's component callbacks, after checking the data folder (before anomalib reads or downloads it)."""
+        """anomalib's component callbacks and a warning for runs of many hours (:mod:`.guard_rails`), after
+        checking the data folder (before anomalib reads or downloads it)."""
         check_data_folder(getattr(self._trainer, "datamodule", None) if self._trainer is not None else None)
-        return super().configure_callbacks()
+        return [*super().configure_callbacks(), RunTimeEstimate(self.CPU_CONFIG)]
 
     # ------------------------------------------------------------------ checks
     def setup(self, stage: str) -> None:
@@ -97,6 +100,8 @@ class PluginModel(SafeFilesMixin):
         if stage == "fit":
             check_writable(getattr(self.trainer.checkpoint_callback, "dirpath", None) or self.trainer.default_root_dir)
             self.check_data("train", "val")
+        if self.trainer.datamodule is not None:
+            fit_workers_to_cores(self.trainer.datamodule, type(self).__name__)
 
     def check_data(self, *splits: str) -> None:
         """Check every file of the datamodule's named splits (on rank 0), before the first batch."""

@@ -92,6 +92,7 @@ class Isstad(PluginModel, AnomalibModule):
     """
 
     CHECKPOINT_MARKER = ("model.patch_embed.", "use --model.weights for MAE/ISSTAD weight files")
+    CPU_CONFIG = "configs/isstad_cpu.yaml (about 6 min on 2 cores) or configs/isstad_tiny.yaml"
     NETWORK_OPTIONS = ("backbone", "image_size", "patch_size", "decoder_embed_dim", "decoder_depth",
                        "decoder_num_heads")
 
@@ -150,7 +151,7 @@ class Isstad(PluginModel, AnomalibModule):
                          post_processor=post_processor, evaluator=evaluator, visualizer=visualizer)
         self.model = self.build_network()
         self.loss = Stage2Loss(ce_class_weights, mse_weight, ssim_weight)
-        self.stage1_augmentation = stage1_augmentation(image_size)
+        self.stage1_augmentation = stage1_augmentation(image_size) if stage1_augment else nn.Identity()
         self.corruption = SyntheticCorruption.with_preset_options(
             max_shapes, restrict_to_foreground, remove_dark, probability=corruption_probability,
             seed=corruption_seed, masks=corruption_masks, transforms=tuple(corruption_fills))
@@ -188,8 +189,8 @@ class Isstad(PluginModel, AnomalibModule):
 
     def teardown(self, stage: str) -> None:
         """Give the datamodule its own training subset and loader back after a fit."""
-        if stage == "fit" and self._trainer is not None and self.trainer.datamodule is not None:
-            release_train_cache(self.trainer.datamodule)
+        if stage == "fit":
+            release_train_cache(getattr(self._trainer, "datamodule", None))
 
     def on_fit_start(self) -> None:
         """The shared checks; the corruption preset of the category; a corruption stream per rank."""
@@ -220,20 +221,18 @@ class Isstad(PluginModel, AnomalibModule):
         """Stage 1: masked reconstruction loss. Stage 2: corrupt, then CE + MSE + SSIM."""
         images, size = batch.image, len(batch.image)
         if self.stage == 1:
-            if self.hparams.stage1_augment:
-                images = self.stage1_augmentation(images)
-            loss = masked_patch_mse(*self.model(images, mask_ratio=self.hparams.mask_ratio))
-            check_finite(loss, "stage-1 masked reconstruction loss", self)
+            loss = masked_patch_mse(*self.model(self.stage1_augmentation(images), mask_ratio=self.hparams.mask_ratio))
+            what = "stage-1 masked reconstruction loss"
         else:
             corrupted, anomaly_mask = self.corruption(images)
             output = self.model(corrupted)
             target = corrupted if self.hparams.reconstruction_target == "input" else images
             terms = self.loss(output.block_logits, anomaly_mask, output.reconstruction, self.model.normalize(target),
                               self.model.denormalize(output.reconstruction), target)
-            loss = terms.total
-            check_finite(loss, "stage-2 loss (CE + MSE + SSIM)", self)
+            loss, what = terms.total, "stage-2 loss (CE + MSE + SSIM)"
             self.log_dict({"train_ce": terms.cross_entropy, "train_mse": terms.mse, "train_ssim": terms.ssim},
                           on_step=False, on_epoch=True, batch_size=size)
+        check_finite(loss, what, self)
         self.log("train_loss", loss, on_step=True, on_epoch=True, prog_bar=True, batch_size=size)
         self.log("stage", float(self.stage), on_step=False, on_epoch=True, batch_size=size)
         return {"loss": loss}
