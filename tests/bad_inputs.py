@@ -351,6 +351,11 @@ OTHER_TESTS = [
      "tests/test_reliability.py::test_nan_loss_stops_training_with_step_and_cause"),
     ("`isstad-predict` on folders holding non-image files", "lists every skipped file",
      "tests/test_export.py"),
+    ("a broken plugin install (`import isstad_plugin` fails)", "anomalib works as stock (`anomalib train --model Patchcore --print_config`, "
+     "`get_model('patchcore')`); one warning names the error and the fix",
+     "tests/test_patches.py::test_a_broken_plugin_leaves_anomalib_working_with_one_warning"),
+    ("a library whose internal that a patch changes has moved", "that patch is skipped with one warning naming what "
+     "is lost; the library stays stock", "tests/test_patches.py::test_a_patch_whose_target_moved_warns_and_changes_nothing"),
 ]
 
 
