@@ -132,3 +132,33 @@ def test_seed_everything_takes_effect_for_our_models(tile_root: Path, tmp_path: 
     first, again, other = train(3, "a"), train(3, "b"), train(4, "c")
     assert first == again
     assert first != other
+
+
+def test_int8_export_keeps_the_map_smoothing_in_float(trained_checkpoint: Path, tile_root: Path,
+                                                      tmp_path: Path) -> None:
+    """``anomalib export --compression_type INT8_PTQ`` with a datamodule: the graph is quantized (FakeQuantize before
+    the network's matrix products) except the single-channel smoothing convolutions, and its anomaly maps follow the
+    FP32 export's."""
+    import numpy as np
+    import openvino as ov
+    from anomalib.deploy import OpenVINOInferencer
+
+    from isstad_plugin.deploy import openvino_config, prepare, read_rgb
+
+    paths = {}
+    for name, extra in (("fp32", []), ("int8", ["--compression_type", "INT8_PTQ", *data_flags(tile_root)])):
+        run(BIN / "anomalib", "export", "--model", "isstad", "--ckpt_path", trained_checkpoint, "--export_type",
+            "openvino", "--default_root_dir", tmp_path / name, *extra)
+        paths[name] = tmp_path / name / "weights" / "openvino" / "model.xml"
+    graph = ov.Core().read_model(paths["int8"])
+    quantized = {op.get_friendly_name(): [i.get_source_output().get_node().get_type_name() for i in op.inputs()]
+                 for op in graph.get_ordered_ops() if op.get_type_name() in {"MatMul", "Convolution"}}
+    smoothing = [name for name, op in ((op.get_friendly_name(), op) for op in graph.get_ordered_ops())
+                 if op.get_type_name() == "Convolution" and op.input_value(1).get_partial_shape()[0].get_length() == 1]
+    assert sum("FakeQuantize" in inputs for inputs in quantized.values()) >= 10
+    assert smoothing and all("FakeQuantize" not in quantized[name] for name in smoothing)
+    images = sorted((tile_root / "magnetic_tile" / "test").rglob("*.png"))
+    maps = {name: np.stack([np.asarray(OpenVINOInferencer(path=path, device="CPU", config=openvino_config("f32"))
+                                       .predict(prepare(read_rgb(image), (64, 64))).anomaly_map).ravel()
+                           for image in images]) for name, path in paths.items()}
+    assert np.corrcoef(maps["fp32"].ravel(), maps["int8"].ravel())[0, 1] > 0.9

@@ -168,11 +168,11 @@ class PluginModel(SafeFilesMixin):
         Outside a fit the checkpoint's options are adopted first (:meth:`adopt_checkpoint_options`)."""
         if self.CHECKPOINT_MARKER is not None:
             check_model_checkpoint(checkpoint, type(self).__name__, *self.CHECKPOINT_MARKER)
-        if self._trainer is not None and self.trainer.state.fn != TrainerFn.FITTING:
+        kept = keep_trained_network(self, checkpoint)  # the state is then the trained model's own
+        if not kept and self._trainer is not None and self.trainer.state.fn != TrainerFn.FITTING:
             self.adopt_checkpoint_options(checkpoint)
         check_compatible(self, checkpoint, self.NETWORK_OPTIONS,
                          path=self._trainer.ckpt_path if self._trainer is not None else None)
-        kept = keep_trained_network(self, checkpoint)
         super().on_load_checkpoint(checkpoint)
         datamodule = getattr(self._trainer, "datamodule", None) if self._trainer is not None else None
         if datamodule is not None and self.trainer.state.fn != TrainerFn.FITTING:

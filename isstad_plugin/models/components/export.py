@@ -23,7 +23,10 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from torchvision.transforms.v2 import Compose
+
 from isstad_plugin.models.components.checkpoints import check_checkpoint_file
+from isstad_plugin.models.components.quantization import quantize, quantize_with_accuracy_control
 
 logger = logging.getLogger(__name__)
 _depth = 0  # exports in progress: to_openvino runs to_onnx inside itself
@@ -74,9 +77,28 @@ def export_atomically(export: Callable[..., Path], export_root: str | Path, *arg
         shutil.rmtree(staging, ignore_errors=True)
 
 
+def resize_like(datamodule: Any, pre_processor: Any) -> None:  # noqa: ANN401
+    """Append ``pre_processor``'s transform (a resize) to each split's augmentations of an anomalib ``datamodule``.
+
+    anomalib does this itself when a trainer runs the model; its INT8 export calibrates on ``val_dataloader()``
+    without one, so the images would reach the fixed-size graph at their file size.
+    """
+    transform = getattr(pre_processor, "transform", None)
+    if transform is None:
+        return
+    for split in ("train", "val", "test"):
+        name = f"{split}_augmentations"
+        if hasattr(datamodule, name):
+            current = getattr(datamodule, name)
+            setattr(datamodule, name, Compose([current, transform]) if current is not None else transform)
+
+
 class SafeFilesMixin:
-    """For an ``AnomalibModule`` (listed before it in the bases): anomalib's exports written atomically, and
-    ``load_from_checkpoint`` (used by ``anomalib export``) failing with the file's name on a truncated file."""
+    """For an ``AnomalibModule`` (listed before it in the bases): anomalib's exports written atomically, INT8 exports
+    that keep the anomaly map (:mod:`.quantization`), and ``load_from_checkpoint`` (used by ``anomalib export``)
+    failing with the file's name on a truncated file."""
+
+    QUANTIZE_AS_TRANSFORMER: bool = False  # NNCF's transformer scheme for INT8 (ViT models)
 
     def to_torch(self, export_root: str | Path, *args: Any, **kwargs: Any) -> Path:  # noqa: ANN401
         """anomalib's ``to_torch``, written atomically."""
@@ -87,8 +109,22 @@ class SafeFilesMixin:
         return export_atomically(super().to_onnx, export_root, *args, **kwargs)
 
     def to_openvino(self, export_root: str | Path, *args: Any, **kwargs: Any) -> Path:  # noqa: ANN401
-        """anomalib's ``to_openvino``, written atomically."""
+        """anomalib's ``to_openvino``, written atomically; with INT8 compression, the calibration datamodule's images
+        are resized as the model's pre-processor does (the exported graph has the training size)."""
+        if kwargs.get("compression_type") is not None and kwargs.get("datamodule") is not None:
+            resize_like(kwargs["datamodule"], getattr(self, "pre_processor", None))
         return export_atomically(super().to_openvino, export_root, *args, **kwargs)
+
+    # anomalib 2.7's ExportMixin runs --compression_type int8_ptq / int8_acq through these two static methods
+    def _post_training_quantization_ov(self, model: Any, datamodule: Any = None) -> Any:  # noqa: ANN401
+        """INT8 with the map smoothing kept in floating point (:func:`.quantization.quantize`)."""
+        return quantize(model, datamodule, self.QUANTIZE_AS_TRANSFORMER)
+
+    def _accuracy_control_quantization_ov(self, model: Any, datamodule: Any = None, metric: Any = None,  # noqa: ANN401
+                                          task: Any = None, max_drop: float = 0.01) -> Any:  # noqa: ANN401
+        """As above, with NNCF's accuracy control (:func:`.quantization.quantize_with_accuracy_control`)."""
+        del task
+        return quantize_with_accuracy_control(model, datamodule, self.QUANTIZE_AS_TRANSFORMER, metric, max_drop)
 
     @classmethod
     def load_from_checkpoint(cls, checkpoint_path: Any, *args: Any, **kwargs: Any) -> Any:  # noqa: ANN401

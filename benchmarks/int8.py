@@ -1,0 +1,139 @@
+"""INT8 (NNCF post-training quantization) against FP32 OpenVINO on the same trained models: accuracy and speed.
+
+Run by hand on a quiet machine: ``python -m benchmarks.int8 [--isstad CKPT] [--cutpaste CKPT]`` (writes
+``docs/benchmarks/int8.md``). Each checkpoint is exported twice through anomalib's own ``Engine.export``: FP32, and
+``compression_type=INT8_PTQ`` calibrated on the validation half of magnetic_tile's test folder (split seed 42, as
+the recipe pages). Both graphs then score every image of the test half one by one (batch 1, OpenVINO with
+``INFERENCE_PRECISION_HINT=f32``), giving image and pixel AUROC, how the INT8 anomaly maps differ from the FP32 ones
+(max and mean absolute difference, correlation) and the seconds for the whole test half. The defaults are the
+seed-0 models of the CPU recipes (``benchmarks.isstad_recipe``, ``benchmarks.cutpaste_recipe``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from anomalib.data import MVTecAD
+from anomalib.deploy import CompressionType, OpenVINOInferencer
+from anomalib.engine import Engine
+from sklearn.metrics import roc_auc_score
+from torchvision.transforms.v2 import Resize
+
+from benchmarks.common import DOCS, REPO, machine, markdown_table, write_page
+from isstad_plugin import Cutpaste, Isstad
+from isstad_plugin.deploy import openvino_config
+from isstad_plugin.models.components.quantization import calibration_batches
+
+DATA = REPO.parent / "shared" / "data"
+RUNS = REPO / "results" / "benchmark"
+DEFAULTS = {
+    "isstad": RUNS / "isstad_recipe/runs/chosen-0/Isstad/MVTecAD/magnetic_tile/v0/weights/lightning/model.ckpt",
+    "cutpaste": RUNS / "cutpaste_recipe/runs/chosen-0/Cutpaste/MVTecAD/magnetic_tile/v0/weights/lightning/model.ckpt",
+}
+CLASSES = {"isstad": Isstad, "cutpaste": Cutpaste}
+
+
+def datamodule(batch_size: int) -> MVTecAD:
+    return MVTecAD(root=DATA, category="magnetic_tile", train_batch_size=batch_size, eval_batch_size=batch_size,
+                   num_workers=0, val_split_mode="from_test", val_split_ratio=0.5, seed=42)
+
+
+def score(path: Path, size: int) -> dict[str, np.ndarray | float]:
+    """Image scores, maps, labels and masks of the test half through the OpenVINO graph at ``path``."""
+    inferencer = OpenVINOInferencer(path=path, device="CPU", config=openvino_config("f32"))
+    data = datamodule(1)
+    data.setup()
+    scores, maps, labels, masks, seconds = [], [], [], [], 0.0
+    for item in data.test_data:
+        image = torch.nn.functional.interpolate(item.image[None], size=(size, size), mode="bilinear",
+                                                antialias=True)[0].numpy()
+        start = time.perf_counter()
+        output = inferencer.predict(image)
+        seconds += time.perf_counter() - start
+        scores.append(float(np.asarray(output.pred_score).ravel()[0]))
+        maps.append(np.asarray(output.anomaly_map, dtype=np.float64).reshape(size, size))
+        labels.append(int(item.gt_label))
+        mask = torch.nn.functional.interpolate(item.gt_mask[None, None].float(), size=(size, size), mode="nearest")
+        masks.append(mask[0, 0].numpy() > 0.5)
+    return {"scores": np.array(scores), "maps": np.stack(maps), "labels": np.array(labels), "masks": np.stack(masks),
+            "seconds": seconds}
+
+
+def results_path(work: Path, name: str) -> Path:
+    return work / name / "FP32" / "weights" / "openvino" / "model.xml"
+
+
+def default_quantization(fp32: Path, size: int) -> Path:
+    """The FP32 graph quantized as anomalib 2.7 does (``nncf.quantize`` with NNCF's defaults, same calibration)."""
+    import nncf
+    import openvino as ov
+
+    model = ov.Core().read_model(fp32)
+    data = datamodule(16)
+    data.val_augmentations = Resize((size, size), antialias=True)  # the graph's input size (the training size)
+    quantized = nncf.quantize(model, nncf.Dataset(calibration_batches(model, data), lambda batch: batch["image"]))
+    target = fp32.parent.parent / "openvino-default-int8" / fp32.name
+    target.parent.mkdir(parents=True, exist_ok=True)
+    ov.save_model(quantized, target)
+    metadata = fp32.parent / "metadata.json"
+    if metadata.is_file():  # anomalib's inferencer reads thresholds and normalisation from it
+        (target.parent / metadata.name).write_bytes(metadata.read_bytes())
+    return target
+
+
+def rows_for(name: str, checkpoint: Path, work: Path) -> list[list[str]]:
+    model = CLASSES[name].load_from_checkpoint(checkpoint, map_location="cpu")
+    size = model.hparams.image_size
+    engine = Engine(default_root_dir=work, accelerator="cpu", devices=1, logger=False)
+    results = {}
+    for precision, compression in (("FP32", None), ("INT8 (PTQ)", CompressionType.INT8_PTQ)):
+        path = engine.export(model=model, export_type="openvino", export_root=work / name / precision.split()[0],
+                             compression_type=compression, datamodule=datamodule(16) if compression else None)
+        results[precision] = score(path, size)
+    results["INT8 (anomalib's default)"] = score(default_quantization(results_path(work, name), size), size)
+    reference = results["FP32"]
+    rows = []
+    for precision, result in results.items():
+        difference = np.abs(result["maps"] - reference["maps"])
+        rows.append([name, precision, f"{roc_auc_score(result['labels'], result['scores']):.4f}",
+                     f"{roc_auc_score(result['masks'].ravel(), result['maps'].ravel()):.4f}",
+                     f"{difference.max():.4f}", f"{difference.mean():.5f}",
+                     f"{np.corrcoef(reference['maps'].ravel(), result['maps'].ravel())[0, 1]:.4f}",
+                     f"{result['seconds']:.1f}", f"{reference['seconds'] / result['seconds']:.2f}x"])
+    return rows
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    for name, default in DEFAULTS.items():
+        parser.add_argument(f"--{name}", type=Path, default=default, help=f"{name} checkpoint (default: {default})")
+    parser.add_argument("--output", type=Path, default=DOCS / "int8.md")
+    parser.add_argument("--note", default="", help="a line about the run for the page (e.g. what else ran)")
+    args = parser.parse_args(argv)
+    torch.set_num_threads(2)
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        for name in DEFAULTS:
+            rows += rows_for(name, getattr(args, name), Path(tmp))
+    write_page(args.output, [
+        "# INT8 against FP32 (OpenVINO, the same trained models)", "",
+        f"Generated by `python -m benchmarks.int8` (do not edit by hand). Machine: {machine()}.", "",
+        "Both graphs are exported by anomalib's `Engine.export` (`compression_type=INT8_PTQ`, calibrated on the "
+        "validation half of magnetic_tile's test folder); the INT8 export keeps the map smoothing in floating point "
+        "(`isstad_plugin/models/components/quantization.py`). Metrics on the test half (split seed 42); map "
+        "differences against the FP32 graph's maps; `seconds`: batch-1 inference over the whole test half.", "",
+        *([args.note, ""] if args.note else []),
+        markdown_table(["model", "precision", "image AUROC", "pixel AUROC", "max map diff", "mean map diff",
+                        "map corr", "seconds", "speed-up"], rows),
+        "",
+    ])
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
