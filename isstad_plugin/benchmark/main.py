@@ -83,14 +83,15 @@ def ordered(rows_by_key: dict, config: BenchmarkConfig) -> list[dict]:
 
 
 def current_rows(
-    rows_by_key: dict, config: BenchmarkConfig, failed: set[tuple[str, str]],
+    rows_by_key: dict, config: BenchmarkConfig, failed: set[tuple[str, str, int]],
 ) -> tuple[list[dict], list[str]]:
     """Rows finished with the config as it is now (in its order), and a note for each configured row that is not."""
     wanted = {(run.name, category, seed): spec_hash(config.row_spec(run, category, seed))
               for run, category, seed in planned(config)}
     rows = [row for row in ordered(rows_by_key, config) if wanted.get(row_key(row, config)) == row["spec_hash"]]
     finished = {row_key(row, config) for row in rows}
-    missing = [f"{name}/{category} seed {seed}: " + (
+    several = len(config.all_seeds) > 1
+    missing = [f"{name}/{category}{f' seed {seed}' if several else ''}: " + (
         "failed, see its job.log" if (name, category, seed) in failed
         else "not run with the current configuration (run it to include it)")
         for name, category, seed in wanted if (name, category, seed) not in finished]
