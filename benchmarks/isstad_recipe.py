@@ -124,7 +124,7 @@ def run_rows(config: dict, variant: str, seed: int, with_test: bool, work: Path,
         if parent is not None:  # this run reused the parent's stage 1: its cost is part of this recipe
             stage1 = float(next(r["stage1_min"] for r in rows if r["variant"] == parent and int(r["seed"]) == seed))
             minutes += stage1
-    common = {"seed": seed, "split_seed": config["split_seed"], "train_min": f"{minutes:.1f}",
+    common = {"seed": seed, "split_seed": str(config["split_seed"]), "train_min": f"{minutes:.1f}",
               "stage1_min": f"{stage1:.2f}"}
     def recorded(name: str) -> dict | None:  # this model's earlier row of that scoring (reloaded from its checkpoint)
         return next((r for r in rows if r["variant"] == name and int(r["seed"]) == seed), None) if finished else None
