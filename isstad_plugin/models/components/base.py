@@ -9,10 +9,15 @@
   every file of the splits used, a pre-processor that normalises;
 - safe files: atomic checkpoints and exports with named load errors (:mod:`.checkpoints`, :mod:`.export`), the
   plugin version in every checkpoint, a checkpoint of another network shape refused naming the option;
-- anomalib's train-then-test of a resumed fit reporting the trained model (:mod:`.resume`).
+- anomalib's train-then-test of a resumed fit reporting the trained model (:mod:`.resume`);
+- outside a fit, a checkpoint's options adopted where the model has its defaults (:meth:`adopt_checkpoint_options`),
+  so ``anomalib test|predict|export --model <name> --ckpt_path CKPT`` needs nothing else;
+- guard rails: a warning before a fit of many hours, DataLoader workers fitted to the cores (:mod:`.guard_rails`);
+  the checkpoint, pictures and exports say where they were written.
 
-A model sets :attr:`DEFAULT_IMAGE_SIZE` and :attr:`NETWORK_OPTIONS`, calls ``super()`` in the hooks it overrides
-and may override :meth:`load_plugin_state` for its own checkpoint entries.
+A model defines :meth:`build_network` (its torch model from ``hparams``), sets :attr:`DEFAULT_IMAGE_SIZE`,
+:attr:`NETWORK_OPTIONS` and :attr:`CPU_CONFIG`, calls ``super()`` in the hooks it overrides and may override
+:meth:`require_network` and :meth:`load_plugin_state`.
 
 Example:
     >>> class MyModel(PluginModel, AnomalibModule):
