@@ -4,13 +4,29 @@ peak, Markdown tables and pages) is in :mod:`isstad_plugin.benchmark`, the one h
 
 from __future__ import annotations
 
+import csv
 from pathlib import Path
+
+import yaml
 
 from isstad_plugin.benchmark.report import markdown_table, write_page
 from isstad_plugin.benchmark.timing import machine, matmul_peak_gflops, median, p90, time_calls
 
-__all__ = ["DOCS", "REPO", "machine", "markdown_table", "matmul_peak_gflops", "median", "p90", "time_calls",
+__all__ = ["DOCS", "REPO", "load_search", "machine", "markdown_table", "matmul_peak_gflops", "median", "p90", "time_calls",
            "write_page"]
 
 REPO = Path(__file__).resolve().parents[1]
 DOCS = REPO / "docs" / "benchmarks"
+
+
+def load_search(config_path: Path) -> tuple[dict, Path, Path, list[dict[str, str]]]:
+    """A recipe search's config, its output folder (created), its ``rows.csv`` and the rows finished so far."""
+    config = yaml.safe_load(config_path.read_text())
+    output_dir = REPO / config["output_dir"]
+    output_dir.mkdir(parents=True, exist_ok=True)
+    rows_path = output_dir / "rows.csv"
+    rows: list[dict[str, str]] = []
+    if rows_path.is_file():
+        with rows_path.open(newline="") as handle:
+            rows = list(csv.DictReader(handle))
+    return config, output_dir, rows_path, rows

@@ -21,9 +21,7 @@ import csv
 import time
 from pathlib import Path
 
-import yaml
-
-from benchmarks.common import DOCS, REPO, machine, markdown_table, write_page
+from benchmarks.common import DOCS, REPO, load_search, machine, markdown_table, write_page
 from benchmarks.isstad_recipe import summary
 
 CONFIG = REPO / "configs" / "benchmark" / "cutpaste_recipe.yaml"
@@ -66,11 +64,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--only", nargs="+", help="variants to run (default: all)")
     parser.add_argument("--test", action="store_true", help="also score the test half (once, after the choice)")
     args = parser.parse_args(argv)
-    config = yaml.safe_load(args.config.read_text())
-    output_dir = REPO / config["output_dir"]
-    output_dir.mkdir(parents=True, exist_ok=True)
-    rows_file = output_dir / "rows.csv"
-    rows = list(csv.DictReader(rows_file.open())) if rows_file.exists() else []
+    config, output_dir, rows_file, rows = load_search(args.config)
     variants = list(config["variants"])
     for variant in args.only or variants:
         for seed in config["variants"][variant].get("seeds", config["seeds"]):

@@ -31,7 +31,7 @@ from statistics import mean, stdev
 import yaml
 from lightning.pytorch import Callback
 
-from benchmarks.common import DOCS, REPO, machine, markdown_table, write_page
+from benchmarks.common import DOCS, REPO, load_search, machine, markdown_table, write_page
 
 CONFIG = REPO / "configs" / "benchmark" / "isstad_recipe.yaml"
 METRICS = ("image_AUROC", "pixel_AUROC", "pixel_AUPRO")
@@ -244,11 +244,7 @@ def main(argv: list[str] | None = None) -> int:
                         help="the config's scorings to measure (default: all; none given: the variants' own only)")
     parser.add_argument("--output", type=Path, default=DOCS / "isstad-recipe.md")
     args = parser.parse_args(argv)
-    config = yaml.safe_load(args.config.read_text())
-    output_dir = REPO / config["output_dir"]
-    output_dir.mkdir(parents=True, exist_ok=True)
-    rows_path = output_dir / "rows.csv"
-    rows = list(csv.DictReader(rows_path.open())) if rows_path.is_file() else []
+    config, output_dir, rows_path, rows = load_search(args.config)
     split = str(config["split_seed"])
     # rows of another split (older runs drew a split per seed) are kept in the file but never reused or mixed in
     current = [r for r in rows if r.get("split_seed") == split]
