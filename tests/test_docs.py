@@ -8,7 +8,8 @@ import pytest
 from omegaconf import OmegaConf
 
 import isstad_plugin
-from isstad_plugin.docs import SKIPPED, configuration_reference
+from isstad_plugin.docs import configuration_reference
+from isstad_plugin.models.components.base import COMPONENTS
 from tests.conftest import REPO
 
 
@@ -22,7 +23,7 @@ def test_configs_list_every_model_option(config: str) -> None:
     """Each model config names every constructor option, so users see what they can change."""
     model = OmegaConf.load(REPO / "configs" / config).model
     model_class = getattr(isstad_plugin, model.class_path.rsplit(".", 1)[-1])
-    options = set(inspect.signature(model_class.__init__).parameters) - {"self", *SKIPPED}
+    options = set(inspect.signature(model_class.__init__).parameters) - {"self", *COMPONENTS}
     assert set(model.init_args) == options
 
 
