@@ -125,3 +125,5 @@ def test_several_seeds_give_mean_and_std_and_list_every_run() -> None:
     config = load_config(REPO / "configs/benchmark/tiny.yaml", ["seeds=[42,0]"])
     assert config.all_seeds == [42, 0]
     assert config.row_spec(config.runs[0], "magnetic_tile", 42) == config.row_spec(config.runs[0], "magnetic_tile")
+    assert "split_seed" not in config.row_spec(config.runs[0], "magnetic_tile", 42)
+    assert config.row_spec(config.runs[0], "magnetic_tile", 0)["split_seed"] == 42  # one test half for every seed

@@ -54,16 +54,21 @@ class BenchmarkConfig:
     @property
     def all_seeds(self) -> list[int]:
         """The seeds every (run, category) trains with: ``seeds``, else the one ``seed``. A seed sets the training
-        randomness and the validation/test split of the test folder, the same split for every model."""
+        randomness; the validation/test split of the test folder always comes from ``seed``, so every row of every
+        model is tested on the same half (no seed's test half overlaps the validation half another chose on)."""
         return list(self.seeds) or [self.seed]
 
     def row_spec(self, run: RunSpec, category: str, seed: int | None = None) -> dict[str, Any]:
         """Everything one row's job needs, JSON-serialisable; its hash decides whether a stored row is current."""
         data = {"class_path": self.data["class_path"],
                 "init_args": {**self.data.get("init_args", {}), "category": category}}
-        return {"run": asdict(run), "category": category, "data": data, "seed": self.seed if seed is None else seed,
+        seed = self.seed if seed is None else seed
+        spec = {"run": asdict(run), "category": category, "data": data, "seed": seed,
                 "trainer": {**self.trainer, **run.trainer}, "latency_repeats": self.latency_repeats,
                 "threads": self.threads}
+        if seed != self.seed:  # recorded only when it differs, so rows of the config's own seed keep their hash
+            spec["split_seed"] = self.seed
+        return spec
 
 
 def spec_hash(spec: dict[str, Any]) -> str:

@@ -37,7 +37,7 @@ def resolve_backbone(run: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any
 
 
 def build_datamodule(data: dict[str, Any], seed: int) -> Any:
-    """anomalib's ``get_datamodule`` on ``{class_path, init_args}``; its random splits use the benchmark seed."""
+    """anomalib's ``get_datamodule`` on ``{class_path, init_args}``; its random splits use ``seed``."""
     from anomalib.data import get_datamodule
 
     init_args = {"seed": seed, **(data.get("init_args") or {})}
@@ -108,7 +108,7 @@ def run_job(spec: dict[str, Any], work_dir: Path) -> dict[str, Any]:
     init_args, backbone = resolve_backbone(run)
     # anomalib's name lookup (every AnomalibModule subclass, ours included); plain keyword arguments.
     model = get_model(run["model"]["class_path"].rpartition(".")[2], **init_args, evaluator=image_and_pixel_evaluator())
-    datamodule = build_datamodule(spec["data"], spec["seed"])
+    datamodule = build_datamodule(spec["data"], spec.get("split_seed", spec["seed"]))
     engine = Engine(default_root_dir=work_dir, max_epochs=run["max_epochs"], logger=False, **spec["trainer"])
 
     start = time.perf_counter()
