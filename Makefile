@@ -3,7 +3,7 @@ VENV   ?= .venv
 PYTHON := $(VENV)/bin/python
 STAMP  := $(VENV)/.isstad-installed
 
-.PHONY: install demo test
+.PHONY: install demo test test-docs
 
 $(STAMP): pyproject.toml
 	python3 -m venv $(VENV)
@@ -19,3 +19,7 @@ demo: $(STAMP)
 
 test: $(STAMP)
 	$(PYTHON) -m pytest tests
+
+# Every shell command of the README, docs/ and the model cards, run as written with a short budget (about 11 min).
+test-docs: $(STAMP)
+	$(PYTHON) -m pytest tests/test_doc_commands.py -m doc_commands -n 0

@@ -1,8 +1,10 @@
-"""``isstad-predict``: run an exported model (OpenVINO IR or ONNX) on image files or folders, write overlays.
+"""``isstad-predict``: run a trained model on image files or folders, write overlays.
 
-The exported graph already holds pre-processing, the network, ISSTAD's scoring and anomalib's
-post-processing; this command only reads images, resizes them to the graph's fixed input size, runs
-``anomalib.deploy.OpenVINOInferencer`` (or ONNX Runtime) and draws the anomaly map over each image.
+The model is an exported graph (OpenVINO IR or ONNX) or the Lightning checkpoint (``.ckpt``) an ``anomalib train``
+of ISSTAD or CutPaste wrote. The exported graph already holds pre-processing, the network, the model's scoring and
+anomalib's post-processing; this command only reads images, resizes them to the graph's fixed input size, runs
+``anomalib.deploy.OpenVINOInferencer`` (or ONNX Runtime) and draws the anomaly map over each image. A checkpoint
+runs the same pipeline in torch (the model rebuilt from the options it holds, on the CPU, in FP32).
 
 Outputs mirror the inputs: a folder input ``test/`` gives ``<output>/test/<its relative path>.png`` overlays, a
 file input ``<output>/<stem>.png`` (with as many parent folders as it takes to tell file inputs of the same name
@@ -14,17 +16,20 @@ listed, never skipped in silence.
 
 Example:
     isstad-predict results/weights/openvino/model.xml ../shared/data/magnetic_tile/test/crack --output overlays
+    isstad-predict results/Isstad/MVTecAD/magnetic_tile/latest/weights/lightning/model.ckpt images/
 """
 
 from __future__ import annotations
 
 import argparse
 import csv
+import inspect
 import shutil
 import sys
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import cv2
 import numpy as np
@@ -139,6 +144,62 @@ class ExportedModel:
         return dict(zip(names, outputs, strict=True))
 
 
+class CheckpointModel:
+    """A trained ISSTAD or CutPaste from its Lightning checkpoint, run in torch eval on the CPU in FP32: the same
+    pipeline as its export (pre-processing, network, scoring, post-processing); ``__call__`` as
+    :class:`ExportedModel`'s."""
+
+    def __init__(self, path: Path) -> None:
+        import torch
+
+        self.module = load_trained_model(path).eval()
+        self.input_size = (int(self.module.hparams.image_size),) * 2
+        self.torch = torch
+
+    def __call__(self, batch: np.ndarray) -> dict[str, np.ndarray]:
+        with self.torch.inference_mode():
+            result = self.module(self.torch.from_numpy(batch))
+        return {k: getattr(result, k).float().numpy() for k in ("pred_score", "pred_label", "anomaly_map", "pred_mask")}
+
+
+def load_trained_model(path: Path) -> Any:  # noqa: ANN401 (an AnomalibModule; imported lazily)
+    """The ISSTAD or CutPaste model a Lightning checkpoint holds, with the options it was trained with.
+
+    Read as anomalib's Engine reads it (``weights_only`` with anomalib's allow-list, our file checks); the model is
+    chosen by the options the checkpoint holds, built with them and given the trained state.
+    """
+    from anomalib.engine.plugins.checkpoint_io import AnomalibCheckpointIO
+
+    from isstad_plugin.models import Cutpaste, Isstad
+    from isstad_plugin.models.components.checkpoints import SafeCheckpointIO
+
+    if not path.is_file():
+        msg = f"Model file {path} does not exist."
+        raise FileNotFoundError(msg)
+    checkpoint = SafeCheckpointIO(AnomalibCheckpointIO()).load_checkpoint(path)
+    options = set(checkpoint.get("hyper_parameters") or {})
+    fitting = [cls for cls in (Isstad, Cutpaste) if options and options <= set(inspect.signature(cls).parameters)]
+    if len(fitting) != 1 or "state_dict" not in checkpoint:
+        msg = (f"{path} is not a checkpoint of ISSTAD or CutPaste (its options: {sorted(options)[:8]}); pass the "
+               "model.ckpt an `anomalib train` of one of them wrote, or an exported .xml/.onnx.")
+        raise ValueError(msg)
+    model = fitting[0]()
+    model.adopt_checkpoint_options(checkpoint)
+    model.on_load_checkpoint(checkpoint)
+    model.load_state_dict(checkpoint["state_dict"])
+    return model
+
+
+def load_model(path: Path, runtime: str = "openvino", device: str = "CPU", precision: str = "f32") -> Any:  # noqa: ANN401
+    """:class:`CheckpointModel` for a ``.ckpt`` (torch, FP32, CPU), else :class:`ExportedModel`."""
+    if path.suffix != ".ckpt":
+        return ExportedModel(path, runtime, device, precision)
+    if precision != "f32" or device != "CPU":
+        msg = f"A checkpoint runs in torch on the CPU in FP32: leave out --precision and --device for {path}."
+        raise ValueError(msg)
+    return CheckpointModel(path)
+
+
 def prepare(image: np.ndarray, input_size: tuple[int, int] | None) -> np.ndarray:
     """RGB uint8 ``[H, W, 3]`` -> ``[1, 3, h, w]`` float32 in [0, 1] at the model's input size."""
     if input_size is not None:
@@ -196,7 +257,7 @@ def predict_paths(
                "replace it wholly (its current files are deleted when the new run completes).")
         raise FileExistsError(msg)
     plan = plan or plan_predictions(inputs)
-    model = ExportedModel(model_path, runtime, device, precision)
+    model = load_model(model_path, runtime, device, precision)
     staging = output.with_name(output.name + ".partial")
     shutil.rmtree(staging, ignore_errors=True)  # a crashed earlier run's leftovers
     rows = []
@@ -229,7 +290,8 @@ def predict_paths(
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="isstad-predict", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("model", type=Path, help="exported model: OpenVINO .xml or .onnx")
+    parser.add_argument("model", type=Path, help="exported model (OpenVINO .xml or .onnx) or a Lightning .ckpt of "
+                                                 "ISSTAD or CutPaste")
     parser.add_argument("inputs", type=Path, nargs="+", help="image files and/or folders")
     parser.add_argument("--output", type=Path, default=Path("predictions"), help="folder for overlays and CSV")
     parser.add_argument("--runtime", choices=["openvino", "onnxruntime"], default="openvino")

@@ -7,8 +7,8 @@ Lightning. They all live here; nothing else in the package touches another libra
 - is applied through :func:`apply`, which turns any failure (an internal that moved in another version) into one
   warning that says what is lost: the library then behaves exactly as stock;
 - is idempotent and applied only when needed: :func:`register_models` when ``isstad_plugin`` is imported (what
-  ``anomalib train --model isstad`` needs), the CLI changes when anomalib's CLI module is imported and the benchmark
-  change when anomalib's benchmark job module is (both by the start-up hook ``isstad_plugin_hook``), the timm tag and
+  ``anomalib train --model isstad`` needs), the CLI, Engine and benchmark changes when anomalib's CLI, engine and
+  benchmark job modules are imported (by the start-up hook ``isstad_plugin_hook``), the timm tag and
   the DDP option by the code that needs them, when it runs.
 
 The changes, each with the version it targets (tested) and what it touches:
@@ -23,6 +23,9 @@ The changes, each with the version it targets (tested) and what it touches:
   ``BenchmarkJob.collect``);
 - :func:`register_timm_tag`: an ``arch.tag`` whose weights are a local file (timm 1.0.31; private
   ``timm.models._registry``);
+- :func:`model_epoch_budget`: an Engine given no epoch or step budget trains our models for their own epochs
+  (``stage1_epochs + stage2_epochs``, CutPaste's ``max_epochs``) instead of Lightning's "max_epochs was not set:
+  1000" (anomalib 2.7.0; private ``anomalib.engine.engine._TrainerArgumentsCache.update``);
 - :func:`ddp_allow_unused_parameters`: DDP accepts ISSTAD's per-stage unused parameters (Lightning 2.6.6; private
   ``DDPStrategy._ddp_kwargs``).
 """
@@ -163,6 +166,30 @@ def mixed_benchmark_results() -> None:
     BenchmarkJob.collect = staticmethod(_mark(collect))
 
 
+def model_epoch_budget() -> None:
+    """When the Engine got neither ``max_epochs`` nor ``max_steps``, give the trainer our model's own epoch budget
+    (``PluginModel.planned_epochs``), so Lightning does not announce (and set) its default of 1000 epochs. A budget
+    the user gave is never touched; stock models keep anomalib's behaviour.
+
+    anomalib builds the trainer from these cached arguments after ``model.trainer_arguments`` (which must not set
+    ``max_epochs``: anomalib would override the user's budget with it).
+    """
+    from anomalib.engine.engine import _TrainerArgumentsCache
+
+    original = _TrainerArgumentsCache.update
+    if _marked(original):
+        return
+
+    def update(self: _TrainerArgumentsCache, model: Any) -> None:  # noqa: ANN401
+        original(self, model)
+        arguments = self._cached_args  # noqa: SLF001
+        planned = getattr(model, "planned_epochs", None)
+        if planned and arguments.get("max_epochs") is None and arguments.get("max_steps") in {None, -1}:
+            arguments["max_epochs"] = planned
+
+    _TrainerArgumentsCache.update = _mark(update)
+
+
 def register_timm_tag(name: str, file: str, mean: tuple[float, float, float], std: tuple[float, float, float],
                       origin_url: str, description: str) -> None:
     """Add ``arch.tag`` (``name``) to timm's pretrained registry with a local ``file`` as its only source, so
@@ -204,6 +231,12 @@ def apply_cli_patches() -> None:
     """The changes anomalib's CLI needs for our models (run when ``anomalib.cli.cli`` is imported)."""
     apply(case_insensitive_model_names, "model names must be spelled exactly (--model isstad_plugin.Isstad)")
     apply(cli_seed_for_plugin_models, "seed_everything is not applied to ISSTAD/CutPaste runs (as stock anomalib)")
+
+
+def apply_engine_patches() -> None:
+    """The change anomalib's Engine needs for our models (run when ``anomalib.engine.engine`` is imported)."""
+    apply(model_epoch_budget, "with no --trainer.max_epochs, Lightning announces 1000 epochs (the models still stop "
+          "after their own)")
 
 
 def apply_benchmark_patches() -> None:

@@ -10,6 +10,12 @@ does nothing until one of the watched anomalib modules has been imported:
   ``seed_everything`` for this package's models (:func:`isstad_plugin.patches.apply_cli_patches`).
 - ``anomalib.pipelines.benchmark.job``: lets ``anomalib benchmark`` tabulate models whose result keys differ and
   use the offline backbone (:func:`isstad_plugin.patches.apply_benchmark_patches`).
+- ``anomalib.engine.engine``: an Engine given no epoch budget trains this package's models for their own epochs
+  (:func:`isstad_plugin.patches.apply_engine_patches`).
+
+Quiet: when a watched module is first imported, three deprecation warnings that anomalib's and Lightning's own
+code raises with the pinned library versions (about their internals, nothing a user can act on) are filtered by
+their exact message (``_THIRD_PARTY_NOISE``); every other warning shows as before.
 
 Fail-safe: if the plugin cannot be imported (a broken install, an incompatible library), the watched module is
 left exactly as anomalib made it, one warning says why, and the hook stays quiet from then on.
@@ -21,7 +27,23 @@ anomalib pay only the cost of reading this file.
 
 import sys
 
-_WATCHED = ("anomalib.models", "anomalib.cli.cli", "anomalib.pipelines.benchmark.job")
+_WATCHED = ("anomalib.models", "anomalib.cli.cli", "anomalib.pipelines.benchmark.job", "anomalib.engine.engine")
+
+
+# (message regex, category): raised by anomalib's model imports (timm.models.layers, its own dinov2 package) and by
+# Lightning's pytree helper with torch >= 2.10 on every fit; none comes from the user's code or ours.
+_THIRD_PARTY_NOISE = (
+    (r"Importing from timm\.models\.layers is deprecated", FutureWarning),
+    (r"The anomalib\.models\.components\.dinov2 package is deprecated", FutureWarning),
+    (r"`isinstance\(treespec, LeafSpec\)` is deprecated", FutureWarning),
+)
+
+
+def _quiet_third_party_noise() -> None:
+    import warnings
+
+    for message, category in _THIRD_PARTY_NOISE:
+        warnings.filterwarnings("ignore", message=message, category=category)
 
 
 class _PostImportFinder:
@@ -46,6 +68,7 @@ class _PostImportFinder:
         exec_module = loader.exec_module
 
         def exec_and_notify(module):  # noqa: ANN001, ANN202
+            _quiet_third_party_noise()
             exec_module(module)
             _after_import(fullname, module)
 
@@ -91,6 +114,10 @@ def _after_import(fullname: str, module) -> None:  # noqa: ANN001
             from isstad_plugin.patches import apply_benchmark_patches
 
             apply_benchmark_patches()
+        elif fullname == "anomalib.engine.engine":
+            from isstad_plugin.patches import apply_engine_patches
+
+            apply_engine_patches()
     except Exception as error:  # noqa: BLE001  (never break `import anomalib.models` for every model)
         _failed = True
         import warnings

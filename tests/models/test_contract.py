@@ -6,7 +6,9 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pytest
+import torch
 from anomalib import LearningType
 from anomalib.data import MVTecAD
 from anomalib.engine import Engine
@@ -16,6 +18,7 @@ from anomalib.pre_processing import PreProcessor
 from torchvision.transforms.v2 import Compose, Normalize, Resize
 
 from isstad_plugin import Cutpaste, Isstad
+from isstad_plugin.deploy import predict_paths, prepare, read_rgb
 from isstad_plugin.models.components.checkpoints import VERSION_KEY
 from tests.conftest import TINY_MODEL
 
@@ -75,8 +78,9 @@ def test_checkpoints_name_the_version_and_refuse_another_network_shape(model_cla
 
 @parametrised
 def test_the_checkpoint_is_enough_to_test_it(model_class: type, tile_root: Path, tmp_path: Path) -> None:
-    """``anomalib test --model <name> --ckpt_path CKPT`` with no other option scores exactly like the trained model;
-    an option given with another value than the checkpoint's fails naming both."""
+    """``anomalib test --model <name> --ckpt_path CKPT`` with no other option scores exactly like the trained model,
+    and so does ``isstad-predict CKPT images``; an option given with another value than the checkpoint's fails
+    naming both."""
     options, (option, other_value) = MODELS[model_class]
 
     def engine(name: str) -> Engine:
@@ -97,3 +101,10 @@ def test_the_checkpoint_is_enough_to_test_it(model_class: type, tile_root: Path,
     assert restored.hparams[option] == trained.hparams[option]
     with pytest.raises(ValueError, match=rf"trained with .*{option}=.*\(given: .*leave these options out"):
         engine("conflict").test(model=model_class(**{option: other_value}), datamodule=data(), ckpt_path=checkpoint)
+
+    files = sorted((tile_root / "magnetic_tile" / "test").rglob("*.png"))[:4]
+    rows = predict_paths(checkpoint, files, tmp_path / "predictions")  # isstad-predict CKPT files
+    images = torch.from_numpy(np.concatenate([prepare(read_rgb(file), (options["image_size"],) * 2) for file in files]))
+    with torch.inference_mode():
+        reference = trained.eval()(images).pred_score
+    assert [row["pred_score"] for row in rows] == pytest.approx(reference.tolist(), abs=1e-5)

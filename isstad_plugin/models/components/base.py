@@ -67,6 +67,7 @@ class PluginModel(SafeFilesMixin):
     NETWORK_OPTIONS: tuple[str, ...] = ()  # hyper-parameters that shape the network's tensors
     CPU_CONFIG: str = "a smaller configuration"  # named when a run would take hours here (.guard_rails)
     CHECKPOINT_MARKER: tuple[str, str] | None = None  # (a state key prefix only this model has, what else to do)
+    BUDGET_OPTIONS: tuple[str, ...] = ()  # hyper-parameters whose sum is the epochs trained without a trainer budget
 
     # ------------------------------------------------------------------ anomalib contract
     @classmethod
@@ -83,6 +84,12 @@ class PluginModel(SafeFilesMixin):
     def learning_type(self) -> LearningType:
         """Trained on normal images only."""
         return LearningType.ONE_CLASS
+
+    @property
+    def planned_epochs(self) -> int | None:
+        """The epochs this model trains when the trainer is given no budget (the sum of ``BUDGET_OPTIONS``); the
+        Engine's trainer gets it as ``max_epochs`` then (:func:`isstad_plugin.patches.model_epoch_budget`)."""
+        return sum(int(self.hparams[name]) for name in self.BUDGET_OPTIONS) if self.BUDGET_OPTIONS else None
 
     @property
     def trainer_arguments(self) -> dict[str, Any]:

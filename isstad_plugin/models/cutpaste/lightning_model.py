@@ -79,6 +79,7 @@ class Cutpaste(PluginModel, AnomalibModule):
     DEFAULT_IMAGE_SIZE = PAPER_SIZE
     CPU_CONFIG = "configs/cutpaste_cpu.yaml (about 4 min on 2 cores) or configs/cutpaste_tiny.yaml"
     NETWORK_OPTIONS = ("backbone", "head_layers")
+    BUDGET_OPTIONS = ("max_epochs",)
 
     def __init__(
         self,
@@ -142,6 +143,12 @@ class Cutpaste(PluginModel, AnomalibModule):
             logger.info("No max_epochs given to the trainer: CutPaste trains for max_epochs=%d.",
                         self.hparams.max_epochs)
             trainer.fit_loop.max_epochs = self.hparams.max_epochs
+        if stage == "fit":
+            hp, data = self.hparams, trainer.datamodule
+            where = f"{type(data).__name__} {getattr(data, 'category', '') or ''}".strip() if data else "the loaders"
+            logger.info("CutPaste: %s (%s) at %d px, %d px patches every %d px, on %s; %d epochs, backbone at %sx the "
+                        "head's learning rate.", hp.backbone, "ImageNet weights" if hp.pretrained else "random init",
+                        hp.image_size, hp.patch_size, hp.patch_stride, where, trainer.max_epochs, hp.backbone_lr_scale)
 
     def on_fit_start(self) -> None:
         """The shared checks; the backbone's starting weights (not when resuming); the generator's seed."""

@@ -96,6 +96,7 @@ class Isstad(PluginModel, AnomalibModule):
     QUANTIZE_AS_TRANSFORMER = True
     NETWORK_OPTIONS = ("backbone", "image_size", "patch_size", "decoder_embed_dim", "decoder_depth",
                        "decoder_num_heads")
+    BUDGET_OPTIONS = ("stage1_epochs", "stage2_epochs")
 
     def __init__(
         self,
@@ -203,9 +204,8 @@ class Isstad(PluginModel, AnomalibModule):
         """Before every run: the network is present (see :class:`.weights.DeferredWeights`)."""
         self.weights.require()
 
-    def load_plugin_state(self, checkpoint: dict[str, Any], trained_network_kept: bool) -> None:
+    def load_plugin_state(self, checkpoint: dict[str, Any], trained_network_kept: bool) -> None:  # noqa: ARG002
         """The checkpoint's network replaces ``weights``."""
-        del checkpoint, trained_network_kept
         self.weights.replaced_by_checkpoint()
 
     def enter_stage(self, stage: int) -> None:

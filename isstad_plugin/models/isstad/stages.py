@@ -163,6 +163,7 @@ class TwoStageSchedule(Callback):
         plan, message = plan_for_trainer(trainer, model.hparams)
         if message:
             logger.info(message)
+        logger.info(describe_fit(trainer, model.hparams, plan))
         self._use_plan(trainer, model, plan)
         model.enter_stage(plan.stage_at(0))
         if paces_validation(trainer):
@@ -243,6 +244,19 @@ def last_epoch(trainer: Trainer) -> int | None:
     return None if max_epochs is None or max_epochs < 0 else max_epochs - 1
 
 
+def describe_fit(trainer: Trainer, hparams: dict, plan: StagePlan) -> str:
+    """One line for the first screen of a fit: the network, the data, the stages and the epoch budget."""
+    data = trainer.datamodule
+    where = (f"{type(data).__name__} {getattr(data, 'category', '') or ''}".strip() + " ("
+             f"{len(getattr(data, 'train_data', None) or [])} training images)") if data is not None else "the loaders"
+    blocks = hparams["stage2_encoder_blocks"]
+    encoder = f"its last {blocks} encoder blocks at {hparams['stage2_encoder_lr_scale']}x" if blocks else "encoder frozen"
+    return (f"ISSTAD: {hparams['backbone']} at {hparams['image_size']} px (patch {hparams['patch_size']}), decoder "
+            f"{hparams['decoder_embed_dim']} x {hparams['decoder_depth']}, on {where}; stage 1: {plan.stage1_epochs} "
+            f"epochs of masked reconstruction (mask ratio {hparams['mask_ratio']}), then stage 2: {plan.stage2_epochs} "
+            f"epochs of pixel-level training ({encoder}); {plan.total_epochs} epochs in all.")
+
+
 def plan_for_trainer(trainer: Trainer, hparams: dict) -> tuple[StagePlan, str | None]:
     """The stage plan for this trainer's epoch budget (Lightning's default budget means: the stages decide)."""
     budget = trainer.max_epochs
@@ -276,7 +290,7 @@ class StageCheckpoint(ModelCheckpoint):
         if not plan.checkpoints_after(epoch, self.stage_every_n_epochs, last_epoch(trainer)):
             return
         if epoch + 1 == plan.stage1_epochs and self.dirpath and not self._should_skip_saving_checkpoint(trainer):
-            trainer.save_checkpoint(Path(self.dirpath) / "stage1.ckpt")  # before model.ckpt marks this step saved
+            trainer.save_checkpoint(Path(self.dirpath) / "stage1.ckpt", weights_only=False)  # before model.ckpt
         super().on_train_epoch_end(trainer, pl_module)
 
     @staticmethod
@@ -307,10 +321,11 @@ class StageCheckpoint(ModelCheckpoint):
 
 def stage_callbacks(trainer: Trainer | None, checkpoint_every_n_epochs: int) -> list[Callback]:
     """The callbacks ISSTAD's stages need: :class:`TwoStageSchedule`, and a :class:`StageCheckpoint` in place of
-    anomalib Engine's every-epoch default (Lightning replaces the trainer's checkpoint callback by it); a user's own
-    checkpoint callback is kept."""
+    anomalib Engine's every-epoch default (taken off the trainer here, so Lightning has nothing to override and says
+    nothing); a user's own checkpoint callback is kept."""
     callbacks: list[Callback] = [TwoStageSchedule()]
     default = StageCheckpoint.replaces(trainer) if trainer is not None else None
     if default is not None:
+        trainer.callbacks.remove(default)
         callbacks.append(StageCheckpoint(default.dirpath, checkpoint_every_n_epochs))
     return callbacks

@@ -120,6 +120,10 @@ class DeferredWeights:
 
     def __init__(self, source: str | None) -> None:
         self.source = source
+        # A local path is followed through its links now: anomalib points ``results/.../latest`` at the new run's
+        # folder when that run starts, so ``weights=results/.../latest/...`` read later would name the new run.
+        local = source is not None and not source.startswith(TIMM_PREFIX) and Path(source).exists()
+        self.target = str(Path(source).resolve()) if local else source
         self.status = "pending"
         self.error: WeightsNotFoundError | None = None
 
@@ -128,7 +132,7 @@ class DeferredWeights:
         if self.source is None or self.status in {"loaded", "checkpoint"}:
             return
         try:
-            load_weights(model, self.source)
+            load_weights(model, self.target)
         except WeightsNotFoundError as error:
             self.status, self.error = "missing", error
             logger.info("ISSTAD: %s Continuing only if a checkpoint (ckpt_path) provides the network.", error)
