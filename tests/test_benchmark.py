@@ -127,3 +127,6 @@ def test_several_seeds_give_mean_and_std_and_list_every_run() -> None:
     assert config.row_spec(config.runs[0], "magnetic_tile", 42) == config.row_spec(config.runs[0], "magnetic_tile")
     assert "split_seed" not in config.row_spec(config.runs[0], "magnetic_tile", 42)
     assert config.row_spec(config.runs[0], "magnetic_tile", 0)["split_seed"] == 42  # one test half for every seed
+    from isstad_plugin.benchmark.main import row_key
+
+    assert row_key({"model": "isstad", "category": "magnetic_tile", "seed": 0}, config)[2] == 0  # not the default

@@ -68,7 +68,8 @@ def missing_data_folders(config: BenchmarkConfig) -> list[str]:
 
 def row_key(row: dict, config: BenchmarkConfig) -> tuple[str, str, int]:
     """``(run name, category, seed)`` of a result row (rows written before seeds were recorded: the config's)."""
-    return row["model"], row["category"], int(row.get("seed") or config.seed)
+    seed = row.get("seed")
+    return row["model"], row["category"], config.seed if seed is None or seed == "" else int(seed)  # seed 0 is a seed
 
 
 def planned(config: BenchmarkConfig) -> list[tuple[RunSpec, str, int]]:
