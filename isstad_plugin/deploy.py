@@ -150,15 +150,14 @@ class CheckpointModel:
     :class:`ExportedModel`'s."""
 
     def __init__(self, path: Path) -> None:
-        import torch
-
         self.module = load_trained_model(path).eval()
         self.input_size = (int(self.module.hparams.image_size),) * 2
-        self.torch = torch
 
     def __call__(self, batch: np.ndarray) -> dict[str, np.ndarray]:
-        with self.torch.inference_mode():
-            result = self.module(self.torch.from_numpy(batch))
+        import torch
+
+        with torch.inference_mode():
+            result = self.module(torch.from_numpy(batch))
         return {k: getattr(result, k).float().numpy() for k in ("pred_score", "pred_label", "anomaly_map", "pred_mask")}
 
 
@@ -190,7 +189,8 @@ def load_trained_model(path: Path) -> Any:  # noqa: ANN401 (an AnomalibModule; i
     return model
 
 
-def load_model(path: Path, runtime: str = "openvino", device: str = "CPU", precision: str = "f32") -> Any:  # noqa: ANN401
+def load_model(path: Path, runtime: str = "openvino", device: str = "CPU",
+               precision: str = "f32") -> CheckpointModel | ExportedModel:
     """:class:`CheckpointModel` for a ``.ckpt`` (torch, FP32, CPU), else :class:`ExportedModel`."""
     if path.suffix != ".ckpt":
         return ExportedModel(path, runtime, device, precision)

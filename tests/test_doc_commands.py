@@ -9,7 +9,8 @@ following that document would.
 What is added to a command, and why (nothing else is changed):
 
 - a short budget, through documented options: ``--trainer.limit_*_batches 2`` with batches of 4 and no loader
-  worker processes, one epoch per stage (no image cache: two batches read only eight images), 64 px images and, for ISSTAD, a ViT-tiny encoder in place of the paper's ViT-B/L (a CPU would train those for hours);
+  worker processes, one epoch per stage (no image cache: two batches read only eight images), 64 px images and,
+  for ISSTAD, a ViT-tiny encoder in place of the paper's ViT-B/L (a CPU would train those for hours);
   a command whose weights name a timm tag keeps its backbone, since the tag fixes the architecture;
 - ``--model.pretrained false`` where the backbone's ImageNet weights would be downloaded (no internet here).
 
@@ -34,6 +35,7 @@ check below on every command (no placeholders, known programs, the configs and d
 
 from __future__ import annotations
 
+import itertools
 import os
 import re
 import shlex
@@ -83,7 +85,7 @@ def shell_commands(document: Path) -> list[str]:
 
 def model_of(words: list[str]) -> str:
     """``isstad`` or ``cutpaste``: from ``--model`` or the config's file name."""
-    for flag, value in zip(words, words[1:], strict=False):
+    for flag, value in itertools.pairwise(words):
         if flag == "--model":
             return value.rpartition(".")[2].lower()
         if flag == "-c":

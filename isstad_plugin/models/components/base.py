@@ -60,6 +60,14 @@ logger = logging.getLogger(__name__)
 LIGHTNING_DEFAULT_MAX_EPOCHS = 1000  # a trainer with this max_epochs and no max_steps was given no budget
 
 
+def describe_data(datamodule: Any) -> str:  # noqa: ANN401
+    """``MVTecAD magnetic_tile (300 training images)`` for a fit's first log line; ``the loaders`` without one."""
+    if datamodule is None:
+        return "the loaders"
+    name = f"{type(datamodule).__name__} {getattr(datamodule, 'category', '') or ''}".strip()
+    return f"{name} ({len(getattr(datamodule, 'train_data', None) or [])} training images)"
+
+
 class PluginModel(SafeFilesMixin):
     """Shared anomalib plumbing of the plugin's models (see the module docstring)."""
 

@@ -36,7 +36,7 @@ from torch.utils.data import DataLoader
 
 from isstad_plugin.errors import input_error
 from isstad_plugin.models.components.arguments import check_numbers
-from isstad_plugin.models.components.base import LIGHTNING_DEFAULT_MAX_EPOCHS, PluginModel
+from isstad_plugin.models.components.base import LIGHTNING_DEFAULT_MAX_EPOCHS, PluginModel, describe_data
 
 from .augmentation import PAPER_SIZE, CutPaste, random_crops
 from .torch_model import PAPER_HEAD, CutpasteModel
@@ -144,11 +144,11 @@ class Cutpaste(PluginModel, AnomalibModule):
                         self.hparams.max_epochs)
             trainer.fit_loop.max_epochs = self.hparams.max_epochs
         if stage == "fit":
-            hp, data = self.hparams, trainer.datamodule
-            where = f"{type(data).__name__} {getattr(data, 'category', '') or ''}".strip() if data else "the loaders"
+            hp = self.hparams
             logger.info("CutPaste: %s (%s) at %d px, %d px patches every %d px, on %s; %d epochs, backbone at %sx the "
                         "head's learning rate.", hp.backbone, "ImageNet weights" if hp.pretrained else "random init",
-                        hp.image_size, hp.patch_size, hp.patch_stride, where, trainer.max_epochs, hp.backbone_lr_scale)
+                        hp.image_size, hp.patch_size, hp.patch_stride, describe_data(trainer.datamodule),
+                        trainer.max_epochs, hp.backbone_lr_scale)
 
     def on_fit_start(self) -> None:
         """The shared checks; the backbone's starting weights (not when resuming); the generator's seed."""

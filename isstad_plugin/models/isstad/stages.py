@@ -30,7 +30,7 @@ from lightning.pytorch.callbacks import EarlyStopping, Timer
 from lightning.pytorch.callbacks import ModelCheckpoint as LightningModelCheckpoint
 from lightning.pytorch.trainer.states import TrainerFn
 
-from isstad_plugin.models.components.base import LIGHTNING_DEFAULT_MAX_EPOCHS
+from isstad_plugin.models.components.base import LIGHTNING_DEFAULT_MAX_EPOCHS, describe_data
 from isstad_plugin.patches import ddp_allow_unused_parameters
 
 logger = logging.getLogger(__name__)
@@ -246,15 +246,13 @@ def last_epoch(trainer: Trainer) -> int | None:
 
 def describe_fit(trainer: Trainer, hparams: dict, plan: StagePlan) -> str:
     """One line for the first screen of a fit: the network, the data, the stages and the epoch budget."""
-    data = trainer.datamodule
-    where = (f"{type(data).__name__} {getattr(data, 'category', '') or ''}".strip() + " ("
-             f"{len(getattr(data, 'train_data', None) or [])} training images)") if data is not None else "the loaders"
-    blocks = hparams["stage2_encoder_blocks"]
-    encoder = f"its last {blocks} encoder blocks at {hparams['stage2_encoder_lr_scale']}x" if blocks else "encoder frozen"
+    blocks, scale = hparams["stage2_encoder_blocks"], hparams["stage2_encoder_lr_scale"]
+    encoder = f"its last {blocks} encoder blocks at {scale}x" if blocks else "encoder frozen"
     return (f"ISSTAD: {hparams['backbone']} at {hparams['image_size']} px (patch {hparams['patch_size']}), decoder "
-            f"{hparams['decoder_embed_dim']} x {hparams['decoder_depth']}, on {where}; stage 1: {plan.stage1_epochs} "
-            f"epochs of masked reconstruction (mask ratio {hparams['mask_ratio']}), then stage 2: {plan.stage2_epochs} "
-            f"epochs of pixel-level training ({encoder}); {plan.total_epochs} epochs in all.")
+            f"{hparams['decoder_embed_dim']} x {hparams['decoder_depth']}, on {describe_data(trainer.datamodule)}; "
+            f"stage 1: {plan.stage1_epochs} epochs of masked reconstruction (mask ratio {hparams['mask_ratio']}), "
+            f"then stage 2: {plan.stage2_epochs} epochs of pixel-level training ({encoder}); {plan.total_epochs} "
+            "epochs in all.")
 
 
 def plan_for_trainer(trainer: Trainer, hparams: dict) -> tuple[StagePlan, str | None]:
