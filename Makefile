@@ -20,6 +20,6 @@ demo: $(STAMP)
 test: $(STAMP)
 	$(PYTHON) -m pytest tests
 
-# Every shell command of the README, docs/ and the model cards, run as written with a short budget (about 6 min).
+# Only the test that runs every shell command of the README, docs/ and the model cards (part of `make test` too).
 test-docs: $(STAMP)
 	$(PYTHON) -m pytest tests/test_doc_commands.py -m doc_commands -n 0

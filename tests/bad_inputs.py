@@ -26,6 +26,8 @@ import cv2
 import numpy as np
 
 from tests.conftest import REPO, TINY_MODEL, make_slice
+from tests.warm_commands import PROGRAMS as WARM_PROGRAMS
+from tests.warm_commands import WarmCommands
 
 BIN = Path(sys.executable).parent
 TAIL_LINES = 5
@@ -379,13 +381,20 @@ def tail(output: str, lines: int = TAIL_LINES) -> list[str]:
     return [line.rstrip() for line in output.splitlines() if line.strip()][-lines:]
 
 
-def run_case(case: Case, work: Path, timeout: int = 300) -> Outcome:
-    """Prepare and run one case in ``work`` (a fresh folder)."""
+def run_case(case: Case, work: Path, timeout: int = 300, warm: WarmCommands | None = None) -> Outcome:
+    """Prepare and run one case in ``work`` (a fresh folder); an ``anomalib`` or ``isstad-predict`` command of a case
+    with no environment of its own runs in a child of the ``warm`` interpreter if one is given (the same process,
+    less the imports: :mod:`tests.warm_commands`)."""
     work.mkdir(parents=True, exist_ok=True)
     command = case.prepare(work)
     env = {**os.environ, "COLUMNS": "120", **case.env}
     start = time.perf_counter()
-    result = subprocess.run(command, capture_output=True, text=True, cwd=work, env=env, timeout=timeout, check=False)
+    program = Path(command[0])
+    if warm is not None and not case.env and program.parent == BIN and program.name in WARM_PROGRAMS:
+        result = warm.run([program.name, *command[1:]], work, env, work.with_name(f"{work.name}-output"), timeout)
+    else:
+        result = subprocess.run(command, capture_output=True, text=True, cwd=work, env=env, timeout=timeout,
+                                check=False)
     seconds = time.perf_counter() - start
     out = work / "out"
     if out.exists():

@@ -3,20 +3,31 @@ file or option and the fix in the last 5 lines, nothing half-written left (cases
 
 from __future__ import annotations
 
+import os
 import shutil
 import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
 from tests.bad_inputs import CASES, MARKER, PAGE, TAIL_LINES, pinned_by, run_case
+from tests.warm_commands import WarmCommands
+
+
+@pytest.fixture(scope="module")
+def warm() -> Iterator[WarmCommands]:
+    """One warm interpreter for the cases' ``anomalib`` / ``isstad-predict`` commands (:mod:`tests.warm_commands`)."""
+    server = WarmCommands({**os.environ, "COLUMNS": "120"})
+    yield server
+    server.close()
 
 
 @pytest.mark.parametrize("case", CASES, ids=[case.name for case in CASES])
-def test_bad_input_fails_clearly(case) -> None:  # noqa: ANN001
+def test_bad_input_fails_clearly(case, warm: WarmCommands) -> None:  # noqa: ANN001
     work = Path(tempfile.mkdtemp(prefix="bad-"))  # a short path, as a user's would be (pytest's are ~90 characters)
     try:
-        outcome = run_case(case, work / case.name)
+        outcome = run_case(case, work / case.name, warm=warm)
     finally:
         shutil.rmtree(work, ignore_errors=True)
     shown = "\n".join(outcome.tail)
