@@ -7,8 +7,9 @@ environment, argv, output files and exit status, running the installed console s
 script would (``sys.exit(main())``), start-up hook included (it ran when the server imported anomalib).
 
 Protocol (one JSON object per line): the test sends ``{"argv", "cwd", "env", "stdout", "stderr", "timeout"}``,
-the server forks, waits (killing the child after ``timeout`` seconds) and answers ``{"returncode"}``. Anything other than a plain command of a known console script runs
-through ``bash`` as before (see ``tests/test_doc_commands.py``).
+the server forks, waits (killing the child after ``timeout`` seconds) and answers ``{"returncode"}``. Anything
+other than a plain command of a known console script runs through ``bash`` as before (see
+``tests/test_doc_commands.py``).
 """
 
 from __future__ import annotations
@@ -44,8 +45,7 @@ def _run_child(request: dict) -> None:
         os.dup2(os.open(os.devnull, os.O_RDONLY), 0)
         sys.argv = [str(Path(sys.executable).parent / request["argv"][0]), *request["argv"][1:]]
         try:
-            result = _entry_point(request["argv"][0])()
-            status = result if isinstance(result, int) else 0
+            sys.exit(_entry_point(request["argv"][0])())  # what the console script does
         except SystemExit as exit_:
             status = exit_.code if isinstance(exit_.code, int) else (0 if exit_.code is None else 1)
             if not isinstance(exit_.code, int | None):

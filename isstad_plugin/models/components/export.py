@@ -26,7 +26,11 @@ from typing import Any
 from torchvision.transforms.v2 import Compose
 
 from isstad_plugin.models.components.checkpoints import check_checkpoint_file
-from isstad_plugin.models.components.quantization import quantize, quantize_with_accuracy_control
+from isstad_plugin.models.components.quantization import (
+    is_anomalib_default_metric,
+    quantize,
+    quantize_with_accuracy_control,
+)
 
 logger = logging.getLogger(__name__)
 _depth = 0  # exports in progress: to_openvino runs to_onnx inside itself
@@ -122,8 +126,14 @@ class SafeFilesMixin:
 
     def _accuracy_control_quantization_ov(self, model: Any, datamodule: Any = None, metric: Any = None,  # noqa: ANN401
                                           task: Any = None, max_drop: float = 0.01) -> Any:  # noqa: ANN401
-        """As above, with NNCF's accuracy control (:func:`.quantization.quantize_with_accuracy_control`)."""
+        """As above, with NNCF's accuracy control (:func:`.quantization.quantize_with_accuracy_control`); anomalib's
+        ``Engine.export`` passes its default metric (image F1) when the user gave none, which is replaced by the
+        image and pixel AUROC bound."""
         del task
+        if is_anomalib_default_metric(metric):
+            logger.info("INT8_ACQ: bounding image and pixel AUROC instead of anomalib's default image F1 (give "
+                        "another metric to bound that one).")
+            metric = None
         return quantize_with_accuracy_control(model, datamodule, self.QUANTIZE_AS_TRANSFORMER, metric, max_drop)
 
     @classmethod

@@ -98,6 +98,14 @@ def auroc_on(compiled: Any, batches: Iterable) -> dict[str, float]:  # noqa: ANN
     return values
 
 
+def is_anomalib_default_metric(metric: Any) -> bool:  # noqa: ANN401
+    """Whether ``metric`` is what anomalib 2.7's ``Engine.export`` substitutes for INT8_ACQ when none is given:
+    ``F1Score(fields=["pred_label", "gt_label"])``."""
+    from anomalib.metrics import F1Score
+
+    return isinstance(metric, F1Score) and list(getattr(metric, "fields", [])) == ["pred_label", "gt_label"]
+
+
 class WorstAurocDrop:
     """NNCF's accuracy-control metric: 1 minus the larger of the image and pixel AUROC drops against the FP32
     graph's (so NNCF's "drop" is the worse metric's drop; the FP32 graph scores 1)."""
