@@ -16,6 +16,9 @@ quantization (map correlation with FP32 0.86), 0.642 with the smoothing kept in 
 CutPaste's INT8 graph is about twice as fast but loses 0.03 image and 0.05 pixel AUROC whichever way (its Gaussians
 amplify the backbone's quantization error; keeping their distance computations in FP32 did not help).
 
+``int8_acq`` (:func:`quantize_with_accuracy_control`) then keeps in floating point what it takes for neither image
+nor pixel AUROC on the validation images to drop by more than ``max_drop`` (anomalib: image F1 on the test images).
+
 :class:`SafeFilesMixin` routes anomalib's two quantization steps here (it overrides the ``ExportMixin`` static methods
 of anomalib 2.7 that run them); everything else about the export is anomalib's.
 """
