@@ -159,7 +159,8 @@ def test_int8_export_keeps_the_map_smoothing_in_float(trained_checkpoint: Path, 
                       for image, label in zip(images, labels, strict=True)])
     predictions = {name: [OpenVINOInferencer(path=path, device="CPU", config=openvino_config("f32")).predict(array)
                           for array in inputs] for name, path in paths.items()}
-    maps = {name: np.stack([np.asarray(p.anomaly_map).ravel() for p in outputs]) for name, outputs in predictions.items()}
+    maps = {name: np.stack([np.asarray(p.anomaly_map).ravel() for p in outputs])
+            for name, outputs in predictions.items()}
     auroc = {name: (roc_auc_score(labels, [float(np.asarray(p.pred_score).ravel()[0]) for p in outputs]),
                     roc_auc_score(masks.ravel(), maps[name].ravel())) for name, outputs in predictions.items()}
     assert np.corrcoef(maps["fp32"].ravel(), maps["int8"].ravel())[0, 1] > 0.9
