@@ -6,8 +6,8 @@ FP32, ``compression_type=INT8_PTQ`` and ``INT8_ACQ`` (accuracy control: neither 
 validation half may drop by more than 0.01), calibrated on the validation half of magnetic_tile's test folder
 (split seed 42, as the recipe pages). Every graph then scores every image of the test half one by one (batch 1,
 OpenVINO with ``INFERENCE_PRECISION_HINT=f32``, and the FP32 graph once more with ``bf16`` where the CPU has it),
-giving image and pixel AUROC, how the maps differ from the FP32 ones (max and mean absolute difference, correlation) and the seconds
-for the whole test half. The defaults are the seed-0 models of the CPU recipes (``benchmarks.isstad_recipe``'s
+giving image and pixel AUROC, how the maps differ from the FP32 ones (max and mean absolute difference,
+correlation) and the seconds for the whole test half. The defaults are the seed-0 models of the CPU recipes (``benchmarks.isstad_recipe``'s
 ``budget_lr_x2`` = ``configs/isstad_cpu.yaml``, ``benchmarks.cutpaste_recipe``'s ``chosen`` =
 ``configs/cutpaste_cpu.yaml``).
 """
@@ -146,7 +146,8 @@ def main(argv: list[str] | None = None) -> int:
         "on the validation half of magnetic_tile's test folder; ACQ puts quantized operations back into floating "
         "point until image and pixel AUROC on that half are both within 0.01 of FP32); our INT8 exports keep the map "
         "smoothing in floating point (`isstad_plugin/models/components/quantization.py`). `anomalib's default`: the "
-        "FP32 graph quantized with NNCF's defaults, as anomalib 2.7 does. `BF16`: the FP32 graph run with OpenVINO's `bf16` precision hint. "
+        "FP32 graph quantized with NNCF's defaults, as anomalib 2.7 does. `BF16`: the FP32 graph run with "
+        "OpenVINO's `bf16` precision hint. "
         "Metrics on the test half (split seed 42); map differences against the FP32 graph's maps; `seconds`: batch-1 "
         "inference over the whole test half, measured one graph after another in one process; `INT8 ops`: operations "
         "with a quantized (FakeQuantize) input, i.e. what runs in INT8 (ACQ's difference to PTQ is what it kept in "
