@@ -7,9 +7,9 @@ validation half may drop by more than 0.01), calibrated on the validation half o
 (split seed 42, as the recipe pages). Every graph then scores every image of the test half one by one (batch 1,
 OpenVINO with ``INFERENCE_PRECISION_HINT=f32``, and the FP32 graph once more with ``bf16`` where the CPU has it),
 giving image and pixel AUROC, how the maps differ from the FP32 ones (max and mean absolute difference,
-correlation) and the seconds for the whole test half. The defaults are the seed-0 models of the CPU recipes (``benchmarks.isstad_recipe``'s
-``budget_lr_x2`` = ``configs/isstad_cpu.yaml``, ``benchmarks.cutpaste_recipe``'s ``chosen`` =
-``configs/cutpaste_cpu.yaml``).
+correlation) and the seconds for the whole test half. The defaults are the seed-0 models of the CPU recipes
+(``benchmarks.isstad_recipe``'s ``budget_lr_x2`` = ``configs/isstad_cpu.yaml``, ``benchmarks.cutpaste_recipe``'s
+``chosen`` = ``configs/cutpaste_cpu.yaml``).
 """
 
 from __future__ import annotations
