@@ -67,13 +67,13 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     import openvino as ov
 
-    work = Path(tempfile.mkdtemp(prefix="isstad-precision-"))
-    ir = trained_ir(work)
-    images, labels, masks = magnetic_tile_test_images()
     core = ov.Core()
+    with tempfile.TemporaryDirectory(prefix="isstad-precision-") as work:  # checkpoints and the IR: ~100 MB
+        model = core.read_model(trained_ir(Path(work)))
+    images, labels, masks = magnetic_tile_test_images()
     outputs, latency, executed = {}, {}, {}
     for precision in ("f32", "bf16"):
-        compiled = core.compile_model(ir, "CPU", {**openvino_config(precision), "PERFORMANCE_HINT": "LATENCY"})
+        compiled = core.compile_model(model, "CPU", {**openvino_config(precision), "PERFORMANCE_HINT": "LATENCY"})
         executed[precision] = str(compiled.get_property("INFERENCE_PRECISION_HINT"))
         results = [compiled(images[i:i + 16]) for i in range(0, len(images), 16)]
         outputs[precision] = {o.any_name: np.concatenate([r[o] for r in results]) for o in compiled.outputs}

@@ -224,6 +224,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.baseline:
             subprocess.run(["git", "-C", str(REPO), "worktree", "remove", "--force", str(work / "baseline")],
                            check=False, capture_output=True)
+        shutil.rmtree(work, ignore_errors=True)  # checkpoints and decoded demo images: hundreds of MB
     command = "python -m benchmarks.training_e2e" + (f" --baseline {args.baseline}" if args.baseline else "")
     page = [
         "# Training speed end to end: `anomalib train` vs a bare loop",
