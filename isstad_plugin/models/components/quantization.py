@@ -27,7 +27,10 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Iterable
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    import torch
 
 logger = logging.getLogger(__name__)
 
@@ -95,10 +98,18 @@ def auroc_on(compiled: Any, batches: Iterable) -> dict[str, float]:  # noqa: ANN
         if "anomaly_map" in output and getattr(batch, "gt_mask", None) is not None:
             maps.append(torch.from_numpy(output["anomaly_map"]).reshape(-1))
             masks.append(batch.gt_mask.reshape(-1).int())
-    values = {"image AUROC": float(binary_auroc(torch.cat(scores), torch.cat(labels)))}
+    values = {"image AUROC": float(binary_auroc(unit_range(torch.cat(scores)), torch.cat(labels)))}
     if maps:
-        values["pixel AUROC"] = float(binary_auroc(torch.cat(maps), torch.cat(masks)))
+        values["pixel AUROC"] = float(binary_auroc(unit_range(torch.cat(maps)), torch.cat(masks)))
     return values
+
+
+def unit_range(values: torch.Tensor) -> torch.Tensor:
+    """``values`` scaled into [0, 1], order kept. torchmetrics' AUROC passes scores outside [0, 1] through a sigmoid,
+    which saturates on unnormalised scores (a Mahalanobis distance of 20 and one of 200 both become 1.0) and ties
+    them: a graph exported without the post-processor's normalisation would be scored near 0.5."""
+    low, high = values.min(), values.max()
+    return (values - low) / (high - low) if high > low else values.zero_()
 
 
 def is_anomalib_default_metric(metric: Any) -> bool:  # noqa: ANN401
