@@ -23,11 +23,11 @@ import timm
 import torch
 import torch.nn.functional as F  # noqa: N812
 from anomalib.data import InferenceBatch
-from anomalib.models.components import GaussianBlur2d
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from torch import Tensor, nn
 
 from isstad_plugin.backbones import ensure_offline_backbone
+from isstad_plugin.models.components.smoothing import GaussianSmoothing
 
 from .density import GaussianDensity
 
@@ -59,6 +59,12 @@ def projection_head(in_features: int, layers: Sequence[int]) -> nn.Sequential:
         blocks += [nn.Linear(in_features, width), nn.BatchNorm1d(width), nn.ReLU(inplace=True)]
         in_features = width
     return nn.Sequential(*blocks)
+
+
+def drop_blur_kernel(module: nn.Module, state_dict: dict, prefix: str, *args) -> None:  # noqa: ARG001, ANN002
+    """Checkpoints written before the separable smoothing hold anomalib's 2-D kernel (``blur.kernel``), which the
+    smoothing now rebuilds from ``score_sigma``: drop it so that they load."""
+    state_dict.pop(f"{prefix}blur.kernel", None)
 
 
 class CutpasteModel(nn.Module):
@@ -97,7 +103,9 @@ class CutpasteModel(nn.Module):
         self.patch_stride = patch_stride
         self.image_density = GaussianDensity(dim)
         self.patch_density = GaussianDensity(dim)
-        self.blur = GaussianBlur2d(sigma=score_sigma, channels=1)
+        # anomalib's GaussianBlur2d borders, as one 2-D kernel is (2 r + 1)^2 taps: 129 x 129 at sigma 16
+        self.blur = GaussianSmoothing(score_sigma, border="reflect")
+        self.register_load_state_dict_pre_hook(drop_blur_kernel)
         mean, std = input_normalization(self.backbone)
         self.register_buffer("pixel_mean", torch.tensor(mean).view(1, 3, 1, 1), persistent=False)
         self.register_buffer("pixel_std", torch.tensor(std).view(1, 3, 1, 1), persistent=False)
@@ -154,7 +162,7 @@ class CutpasteModel(nn.Module):
         scores = F.interpolate(patch_scores.unsqueeze(1), size=(span_h, span_w), mode="bilinear",
                                align_corners=True)
         scores = F.pad(scores, (half, width - half - span_w, half, height - half - span_h), mode="replicate")
-        return self.blur(scores)
+        return self.blur(scores.squeeze(1)).unsqueeze(1)
 
     def forward(self, images: Tensor) -> ClassifierOutput | InferenceBatch:
         """Training: embeddings and logits. Eval: scores.

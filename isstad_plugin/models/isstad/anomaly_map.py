@@ -7,61 +7,14 @@ tensor values, constants (the Gaussian kernel) built once as buffers.
 from __future__ import annotations
 
 import logging
-import math
 from typing import Literal
 
 import torch
-import torch.nn.functional as F  # noqa: N812
 from torch import nn
 
+from isstad_plugin.models.components.smoothing import GaussianSmoothing
+
 logger = logging.getLogger(__name__)
-
-
-def gaussian_kernel_1d(sigma: float, truncate: float = 4.0) -> torch.Tensor:
-    """Normalised 1-D Gaussian taps exactly as ``scipy.ndimage.gaussian_filter`` builds them.
-
-    Returns:
-        Tensor ``[2 * radius + 1]`` with ``radius = int(truncate * sigma + 0.5)`` (33 taps for sigma 4).
-    """
-    radius = int(truncate * sigma + 0.5)
-    offsets = torch.arange(-radius, radius + 1, dtype=torch.float64)
-    kernel = torch.exp(-0.5 * (offsets / sigma) ** 2)
-    return (kernel / kernel.sum()).float()
-
-
-class GaussianSmoothing(nn.Module):
-    """Separable Gaussian blur with scipy's default ``reflect`` borders (``d c b a | a b c d | d c b a``).
-
-    anomalib's ``GaussianBlur2d`` pads with torch's ``reflect`` (scipy's ``mirror``), which differs at the
-    borders, so the method's numbers (scipy, sigma 4, truncate 4) need this variant.
-
-    Args:
-        sigma: Standard deviation in pixels.
-        truncate: Kernel radius in standard deviations (scipy's default 4.0).
-    """
-
-    def __init__(self, sigma: float, truncate: float = 4.0) -> None:
-        super().__init__()
-        if sigma <= 0 or not math.isfinite(sigma):
-            msg = f"score_sigma must be a positive number of pixels, got {sigma}."
-            raise ValueError(msg)
-        kernel = gaussian_kernel_1d(sigma, truncate)
-        self.radius = kernel.numel() // 2
-        self.register_buffer("kernel_x", kernel.view(1, 1, 1, -1), persistent=False)
-        self.register_buffer("kernel_y", kernel.view(1, 1, -1, 1), persistent=False)
-
-    def _pad_symmetric(self, x: torch.Tensor, dim: int) -> torch.Tensor:
-        r = self.radius
-        head = x.narrow(dim, 0, r).flip(dim)
-        tail = x.narrow(dim, x.shape[dim] - r, r).flip(dim)
-        return torch.cat([head, x, tail], dim=dim)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """Blur ``x`` of shape ``[B, H, W]`` (returned ``[B, H, W]``); H and W must exceed the radius."""
-        x = x.unsqueeze(1)
-        x = F.conv2d(self._pad_symmetric(x, 3), self.kernel_x.to(x.dtype))
-        x = F.conv2d(self._pad_symmetric(x, 2), self.kernel_y.to(x.dtype))
-        return x.squeeze(1)
 
 
 MapKind = Literal["product", "probability", "error"]

@@ -59,6 +59,27 @@ def test_anomaly_map_puts_each_patch_score_at_its_centre() -> None:
     assert abs(row - 20) <= 1 and abs(col - 44) <= 1
 
 
+@pytest.mark.parametrize("sigma", [2.0, 16.0])
+def test_map_smoothing_is_anomalib_gaussian_blur_made_separable(sigma: float) -> None:
+    """The separable smoothing gives anomalib's GaussianBlur2d (reflect borders, 2 int(4 sigma + 0.5) + 1 taps), with
+    which the recipe's numbers were measured; a checkpoint holding that blur's 2-D kernel still loads."""
+    from anomalib.models.components import GaussianBlur2d
+
+    model = small_model(score_sigma=sigma, patch_size=32, patch_stride=16)
+    scores = 40 * torch.rand(2, 13, 13, generator=torch.Generator().manual_seed(1))
+    smoothed = model.anomaly_map(scores, 224, 224)
+    unsmoothed = torch.nn.functional.pad(
+        torch.nn.functional.interpolate(scores.unsqueeze(1), size=(193, 193), mode="bilinear", align_corners=True),
+        (16, 15, 16, 15), mode="replicate")
+    reference = GaussianBlur2d(sigma=sigma, channels=1)(unsmoothed)
+    torch.testing.assert_close(smoothed, reference, rtol=1e-4, atol=1e-4)
+
+    state = model.state_dict()
+    assert "blur.kernel" not in state  # rebuilt from score_sigma
+    state["blur.kernel"] = GaussianBlur2d(sigma=sigma, channels=1).kernel  # as written before
+    model.load_state_dict(state, strict=True)
+
+
 def test_construction_never_downloads(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     torch.manual_seed(0)
