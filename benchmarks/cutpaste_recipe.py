@@ -94,6 +94,7 @@ def main(argv: list[str] | None = None) -> int:
         "",
         f"Chosen (`configs/cutpaste_cpu.yaml`): `{config['chosen']}`, by the rule: {config['rule']}.",
         "",
+        *([config["note"], ""] if config.get("note") else []),
         f"Base options (`Cutpaste`): `{config['base']}`",
         "",
         markdown_table(["variant", "overrides of the base"], described),
