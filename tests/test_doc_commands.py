@@ -9,8 +9,9 @@ following that document would.
 What is added to a command, and why (nothing else is changed):
 
 - a short budget, through documented options: ``--trainer.limit_*_batches 2`` with batches of 4 and no loader
-  worker processes, one epoch per stage (no image cache: two batches read only eight images), 64 px images and,
-  for ISSTAD, a ViT-tiny encoder in place of the paper's ViT-B/L (a CPU would train those for hours);
+  worker processes, one epoch per stage (no image cache: two batches read only eight images), 64 px images (for
+  CutPaste with 32 px patches and the map smoothing at sigma 4, which fit that size) and, for ISSTAD, a ViT-tiny
+  encoder in place of the paper's ViT-B/L (a CPU would train those for hours);
   a command whose weights name a timm tag keeps its backbone, since the tag fixes the architecture;
 - ``--model.pretrained false`` where the backbone's ImageNet weights would be downloaded (no internet here).
 
@@ -65,7 +66,7 @@ DATA_BUDGET = ["--data.train_batch_size", "4", "--data.eval_batch_size", "4", "-
 ISSTAD_BUDGET = ["--model.image_size", "64", "--model.stage1_epochs", "1", "--model.stage2_epochs", "1",
                  "--model.train_cache_gb", "0"]
 CUTPASTE_BUDGET = ["--model.image_size", "64", "--model.patch_size", "32", "--model.patch_stride", "16",
-                   "--trainer.max_epochs", "1"]
+                   "--model.score_sigma", "4", "--trainer.max_epochs", "1"]
 TIMM_TAG = "vit_base_patch16_224.mae"
 
 

@@ -108,6 +108,8 @@ def test_invalid_arguments() -> None:
         Cutpaste(image_size=64, patch_size=96)
     with pytest.raises(ValueError, match="score_sigma"):
         CutpasteModel(score_sigma=0)
+    with pytest.raises(ValueError, match=r"score_sigma=16.0 smooths over 64 px, which needs image_size > 64"):
+        Cutpaste(pretrained=False, image_size=64, patch_size=32, score_sigma=16.0)
 
 
 @pytest.mark.parametrize(("backbone", "mean", "std"), [
