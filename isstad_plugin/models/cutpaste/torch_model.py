@@ -103,7 +103,8 @@ class CutpasteModel(nn.Module):
         self.patch_stride = patch_stride
         self.image_density = GaussianDensity(dim)
         self.patch_density = GaussianDensity(dim)
-        # anomalib's GaussianBlur2d borders, as one 2-D kernel is (2 r + 1)^2 taps: 129 x 129 at sigma 16
+        # anomalib's GaussianBlur2d (same taps and borders) made separable: one 2-D kernel is (2 r + 1)^2 taps,
+        # 129 x 129 at sigma 16
         self.blur = GaussianSmoothing(score_sigma, border="reflect")
         self.register_load_state_dict_pre_hook(drop_blur_kernel)
         mean, std = input_normalization(self.backbone)
