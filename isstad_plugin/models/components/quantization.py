@@ -26,7 +26,7 @@ of anomalib 2.7 that run them); everything else about the export is anomalib's.
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
@@ -84,6 +84,13 @@ def quantize(model: Any, datamodule: Any, transformer: bool) -> Any:  # noqa: AN
     return nncf.quantize(model, dataset, **quantization_options(model, transformer))
 
 
+def predictions(compiled: Any, batches: Iterable) -> Iterator[tuple[Any, Any]]:  # noqa: ANN401
+    """Each batch with the compiled OpenVINO graph's outputs on its images (indexed by output name: ``pred_score``,
+    ``anomaly_map``, ...)."""
+    for batch in batches:
+        yield batch, compiled(batch["image"])
+
+
 def auroc_on(compiled: Any, batches: Iterable) -> dict[str, float]:  # noqa: ANN401
     """Image AUROC (``pred_score`` against ``gt_label``) and, where the batches have masks, pixel AUROC
     (``anomaly_map`` against ``gt_mask``) of the compiled OpenVINO graph on ``batches``."""
@@ -91,8 +98,7 @@ def auroc_on(compiled: Any, batches: Iterable) -> dict[str, float]:  # noqa: ANN
     from torchmetrics.functional.classification import binary_auroc
 
     scores, labels, maps, masks = [], [], [], []
-    for batch in batches:
-        output = compiled(batch["image"])
+    for batch, output in predictions(compiled, batches):
         scores.append(torch.from_numpy(output["pred_score"]).reshape(-1))
         labels.append(batch.gt_label.reshape(-1).int())
         if "anomaly_map" in output and getattr(batch, "gt_mask", None) is not None:
@@ -169,8 +175,7 @@ def quantize_with_accuracy_control(model: Any, datamodule: Any, transformer: boo
     else:
         def score(compiled: Any, batches: Iterable) -> float:  # noqa: ANN401
             metric.reset()
-            for batch in batches:
-                output = compiled(batch["image"])
+            for batch, output in predictions(compiled, batches):
                 metric.update(ImageBatch(
                     image=batch["image"], gt_label=batch["gt_label"],
                     pred_score=torch.from_numpy(output["pred_score"]).reshape(-1),
