@@ -191,6 +191,9 @@ class PluginModel(SafeFilesMixin):
         kept = keep_trained_network(self, checkpoint)  # the state is then the trained model's own
         if not kept and self._trainer is not None and self.trainer.state.fn != TrainerFn.FITTING:
             self.adopt_checkpoint_options(checkpoint)
+        state = checkpoint.get("state_dict", {})
+        for key in getattr(self.model, "RETIRED_STATE_KEYS", ()):  # written by earlier versions, rebuilt now
+            state.pop(f"model.{key}", None)
         check_compatible(self, checkpoint, self.NETWORK_OPTIONS,
                          path=self._trainer.ckpt_path if self._trainer is not None else None)
         super().on_load_checkpoint(checkpoint)

@@ -61,10 +61,11 @@ def projection_head(in_features: int, layers: Sequence[int]) -> nn.Sequential:
     return nn.Sequential(*blocks)
 
 
-def drop_blur_kernel(module: nn.Module, state_dict: dict, prefix: str, *args) -> None:  # noqa: ARG001, ANN002
-    """Checkpoints written before the separable smoothing hold anomalib's 2-D kernel (``blur.kernel``), which the
-    smoothing now rebuilds from ``score_sigma``: drop it so that they load."""
-    state_dict.pop(f"{prefix}blur.kernel", None)
+def drop_retired_keys(module: nn.Module, state_dict: dict, prefix: str, *args) -> None:  # noqa: ANN002
+    """Drop the state keys of ``module.RETIRED_STATE_KEYS`` (written by earlier versions, rebuilt now) so that
+    such state dicts load."""
+    for key in module.RETIRED_STATE_KEYS:
+        state_dict.pop(f"{prefix}{key}", None)
 
 
 class CutpasteModel(nn.Module):
@@ -78,6 +79,10 @@ class CutpasteModel(nn.Module):
         patch_stride: step between scored patches.
         score_sigma: sigma (pixels) of the Gaussian smoothing of the anomaly map.
     """
+
+    # Checkpoints written before the separable smoothing hold anomalib's 2-D kernel, which the smoothing now
+    # rebuilds from ``score_sigma``: dropped on load.
+    RETIRED_STATE_KEYS = ("blur.kernel",)
 
     def __init__(
         self,
@@ -106,7 +111,7 @@ class CutpasteModel(nn.Module):
         # anomalib's GaussianBlur2d (same taps and borders) made separable: one 2-D kernel is (2 r + 1)^2 taps,
         # 129 x 129 at sigma 16
         self.blur = GaussianSmoothing(score_sigma, border="reflect")
-        self.register_load_state_dict_pre_hook(drop_blur_kernel)
+        self.register_load_state_dict_pre_hook(drop_retired_keys)
         mean, std = input_normalization(self.backbone)
         self.register_buffer("pixel_mean", torch.tensor(mean).view(1, 3, 1, 1), persistent=False)
         self.register_buffer("pixel_std", torch.tensor(std).view(1, 3, 1, 1), persistent=False)

@@ -110,6 +110,25 @@ def assert_parity(outputs: dict[str, np.ndarray], reference: object) -> None:
     assert_decisions_agree(outputs, expected, margin=1e-4)
 
 
+def test_checkpoint_from_before_the_separable_smoothing_loads(trained_checkpoint: Path, tile_root: Path,
+                                                               tmp_path: Path) -> None:
+    """Checkpoints written before the separable smoothing hold anomalib's 2-D blur kernel (``model.blur.kernel``):
+    ``load_from_checkpoint`` (what ``anomalib test|export --ckpt_path`` runs) must load them and score as before."""
+    from anomalib.models.components import GaussianBlur2d
+
+    checkpoint = torch.load(trained_checkpoint, map_location="cpu", weights_only=False)
+    sigma = checkpoint["hyper_parameters"]["score_sigma"]
+    checkpoint["state_dict"]["model.blur.kernel"] = GaussianBlur2d(sigma=sigma, channels=1).kernel
+    old = tmp_path / "before-separable.ckpt"
+    torch.save(checkpoint, old)
+    images = real_images(tile_root)
+    with torch.no_grad():
+        expected = Cutpaste.load_from_checkpoint(trained_checkpoint, map_location="cpu").eval()(images)
+        loaded = Cutpaste.load_from_checkpoint(old, map_location="cpu").eval()(images)
+    torch.testing.assert_close(loaded.anomaly_map, expected.anomaly_map)
+    torch.testing.assert_close(loaded.pred_score, expected.pred_score)
+
+
 def test_onnx_and_openvino_exports_match_torch(trained_checkpoint: Path, tile_root: Path, tmp_path: Path) -> None:
     import onnxruntime as ort
     import openvino as ov
