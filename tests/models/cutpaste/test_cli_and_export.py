@@ -116,7 +116,7 @@ def test_checkpoint_from_before_the_separable_smoothing_loads(trained_checkpoint
     ``load_from_checkpoint`` (what ``anomalib test|export --ckpt_path`` runs) must load them and score as before."""
     from anomalib.models.components import GaussianBlur2d
 
-    checkpoint = torch.load(trained_checkpoint, map_location="cpu", weights_only=False)
+    checkpoint = torch.load(trained_checkpoint, map_location="cpu", weights_only=False)  # the fixture's own file
     sigma = checkpoint["hyper_parameters"]["score_sigma"]
     checkpoint["state_dict"]["model.blur.kernel"] = GaussianBlur2d(sigma=sigma, channels=1).kernel
     old = tmp_path / "before-separable.ckpt"
