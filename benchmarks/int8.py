@@ -1,15 +1,15 @@
 """INT8 (NNCF post-training quantization) against FP32 OpenVINO on the same trained models: accuracy and speed.
 
 Run by hand on a quiet machine: ``python -m benchmarks.int8 [--isstad CKPT] [--cutpaste CKPT] [--only MODEL]``
-(writes ``docs/benchmarks/int8.md``; each model's rows are kept in ``results/benchmark/int8/``). Each checkpoint
-is exported three times through anomalib's own ``Engine.export``: FP32, ``compression_type=INT8_PTQ`` and
-``INT8_ACQ`` (accuracy control: neither image nor pixel AUROC on the validation half may drop by more than 0.01),
-calibrated on the validation half of magnetic_tile's test folder (split seed 42, as the recipe pages). Every graph then scores every image of the test half one by one (batch 1,
-OpenVINO with ``INFERENCE_PRECISION_HINT=f32``, and the FP32 graph once more with ``bf16`` where the CPU has it),
-giving image and pixel AUROC, how the maps differ from the FP32 ones (max and mean absolute difference,
-correlation) and the seconds for the whole test half. The defaults are the seed-0 models of the CPU recipes
-(``benchmarks.isstad_recipe``'s ``budget_lr_x2`` = ``configs/isstad_cpu.yaml``, ``benchmarks.cutpaste_recipe``'s
-``untrained_sigma16`` = ``configs/cutpaste_cpu.yaml``).
+(writes ``docs/benchmarks/int8.md``; each model's rows are kept in ``results/benchmark/int8/``). Each checkpoint is
+exported three times through anomalib's own ``Engine.export``: FP32, ``compression_type=INT8_PTQ`` and ``INT8_ACQ``
+(accuracy control: neither image nor pixel AUROC on the validation half may drop by more than 0.01), calibrated on
+the validation half of magnetic_tile's test folder (split seed 42, as the recipe pages). Every graph then scores
+every image of the test half one by one (batch 1, OpenVINO with ``INFERENCE_PRECISION_HINT=f32``, and the FP32 graph
+once more with ``bf16`` where the CPU has it), giving image and pixel AUROC, how the maps differ from the FP32 ones
+(max and mean absolute difference, correlation) and the seconds for the whole test half. The defaults are the seed-0
+models of the CPU recipes (``benchmarks.isstad_recipe``'s ``budget_lr_x2`` = ``configs/isstad_cpu.yaml``,
+``benchmarks.cutpaste_recipe``'s ``untrained_sigma16`` = ``configs/cutpaste_cpu.yaml``).
 """
 
 from __future__ import annotations
