@@ -36,17 +36,3 @@ def openvino_scores(paths: dict[str, Path], tile_root: Path, size: int) -> dict[
         results[name] = {"scores": scores, "maps": maps, "image AUROC": roc_auc_score(labels, scores),
                          "pixel AUROC": roc_auc_score(masks.ravel(), maps.ravel())}
     return results
-
-
-def quantized_convolutions(path: Path, kinds: tuple[str, ...] = ("Convolution",)) -> tuple[int, list[bool]]:
-    """In the OpenVINO graph at ``path``: how many operations of ``kinds`` take a FakeQuantize input (run in INT8),
-    and, for each single-channel smoothing convolution, whether it does."""
-    import openvino as ov
-
-    graph = ov.Core().read_model(path)
-    quantized = {op.get_friendly_name(): any(i.get_source_output().get_node().get_type_name() == "FakeQuantize"
-                                             for i in op.inputs())
-                 for op in graph.get_ordered_ops() if op.get_type_name() in kinds}
-    smoothing = [quantized[op.get_friendly_name()] for op in graph.get_ordered_ops()
-                 if op.get_type_name() == "Convolution" and op.input_value(1).get_partial_shape()[0].get_length() == 1]
-    return sum(quantized.values()), smoothing
