@@ -11,13 +11,18 @@ import torch.nn.functional as F  # noqa: N812
 from torch import nn
 
 
+def gaussian_radius(sigma: float, truncate: float = 4.0) -> int:
+    """Half-width in pixels of the Gaussian kernel of ``sigma`` cut at ``truncate`` standard deviations (scipy's)."""
+    return int(truncate * sigma + 0.5)
+
+
 def gaussian_kernel_1d(sigma: float, truncate: float = 4.0) -> torch.Tensor:
     """Normalised 1-D Gaussian taps exactly as ``scipy.ndimage.gaussian_filter`` builds them.
 
     Returns:
         Tensor ``[2 * radius + 1]`` with ``radius = int(truncate * sigma + 0.5)`` (33 taps for sigma 4).
     """
-    radius = int(truncate * sigma + 0.5)
+    radius = gaussian_radius(sigma, truncate)
     offsets = torch.arange(-radius, radius + 1, dtype=torch.float64)
     kernel = torch.exp(-0.5 * (offsets / sigma) ** 2)
     return (kernel / kernel.sum()).float()

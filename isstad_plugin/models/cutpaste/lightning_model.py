@@ -39,6 +39,7 @@ from torchvision.transforms.v2 import Resize
 from isstad_plugin.errors import input_error
 from isstad_plugin.models.components.arguments import check_numbers
 from isstad_plugin.models.components.base import LIGHTNING_DEFAULT_MAX_EPOCHS, PluginModel, describe_data
+from isstad_plugin.models.components.smoothing import gaussian_radius
 
 from .augmentation import PAPER_SIZE, CutPaste, random_crops
 from .torch_model import PAPER_HEAD, CutpasteModel
@@ -111,10 +112,9 @@ class Cutpaste(PluginModel, AnomalibModule):
             raise input_error(f"patch_size must be in [1, image_size={image_size}], got {patch_size}.")
         if max_epochs < 1:
             raise input_error(f"max_epochs must be >= 1, got {max_epochs}.")
-        if score_sigma > 0 and int(4 * score_sigma + 0.5) >= image_size:  # the smoothing's reflected border
-            raise input_error(f"score_sigma={score_sigma} smooths over {int(4 * score_sigma + 0.5)} px, which needs "
-                              f"image_size > {int(4 * score_sigma + 0.5)} (got {image_size}): lower score_sigma (e.g. "
-                              f"to patch_stride) or raise image_size.")
+        if score_sigma > 0 and (radius := gaussian_radius(score_sigma)) >= image_size:  # the reflected border
+            raise input_error(f"score_sigma={score_sigma} smooths over {radius} px, which needs image_size > {radius} "
+                              f"(got {image_size}): lower score_sigma (e.g. to patch_stride) or raise image_size.")
         check_numbers(positive={"lr": lr, "score_sigma": score_sigma, "patch_stride": patch_stride},
                       non_negative={"patch_loss_weight": patch_loss_weight, "weight_decay": weight_decay,
                                     "jitter": jitter, "backbone_lr_scale": backbone_lr_scale},
