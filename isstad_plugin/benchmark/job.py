@@ -13,7 +13,6 @@ import time
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 
 from isstad_plugin.data_checks import IMAGE_SUFFIXES
@@ -55,16 +54,13 @@ def build_datamodule(data: dict[str, Any], seed: int) -> Any:
 
 def first_test_image(root: Path, size: tuple[int, int]) -> torch.Tensor:
     """A real test image of the category as ``[1, 3, H, W]`` float in [0, 1] at the export size."""
-    import cv2
-
-    from isstad_plugin.deploy import read_rgb
+    from isstad_plugin.deploy import prepare, read_rgb
 
     files = sorted(p for p in (root / "test").rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES)
     if not files:
         msg = f"No test images under {root / 'test'} to time inference on."
         raise FileNotFoundError(msg)
-    image = cv2.resize(read_rgb(files[0]), (size[1], size[0]), interpolation=cv2.INTER_AREA)
-    return torch.from_numpy(image.astype(np.float32) / 255.0).permute(2, 0, 1)[None].contiguous()
+    return torch.from_numpy(prepare(read_rgb(files[0]), size)).contiguous()  # resized as the model's pre-processor
 
 
 def export_size(model: Any) -> tuple[int, int]:
