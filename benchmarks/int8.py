@@ -9,7 +9,7 @@ every image of the test half one by one (batch 1, OpenVINO with ``INFERENCE_PREC
 once more with ``bf16`` where the CPU has it), giving image and pixel AUROC, how the maps differ from the FP32 ones
 (max and mean absolute difference, correlation) and the seconds for the whole test half. The defaults are the seed-0
 models of the CPU recipes (``benchmarks.isstad_recipe``'s ``budget_lr_x2`` = ``configs/isstad_cpu.yaml``,
-``benchmarks.cutpaste_recipe``'s ``untrained_sigma16`` = ``configs/cutpaste_cpu.yaml``).
+the ``chosen`` variant of ``benchmarks.cutpaste_recipe`` = ``configs/cutpaste_cpu.yaml``).
 """
 
 from __future__ import annotations
@@ -23,6 +23,7 @@ from pathlib import Path
 import numpy as np
 import openvino as ov
 import torch
+import yaml
 from anomalib.data import MVTecAD
 from anomalib.deploy import CompressionType, OpenVINOInferencer
 from anomalib.engine import Engine
@@ -36,10 +37,12 @@ from isstad_plugin.models.components.quantization import calibration_batches
 
 DATA = REPO.parent / "shared" / "data"
 RUNS = REPO / "results" / "benchmark"
+CUTPASTE_RECIPE = yaml.safe_load((REPO / "configs" / "benchmark" / "cutpaste_recipe.yaml").read_text())["chosen"]
 DEFAULTS = {
     "isstad": RUNS / "isstad_recipe/runs/budget_lr_x2-0/Isstad/MVTecAD/magnetic_tile/v0/weights/lightning/model.ckpt",
-    "cutpaste": RUNS / "cutpaste_recipe/runs/untrained_sigma16-0/Cutpaste/MVTecAD/magnetic_tile/v0/weights/lightning/"
-                "model.ckpt",
+    # the variant configs/cutpaste_cpu.yaml was chosen as; `latest` is anomalib's link to the newest run of it
+    "cutpaste": RUNS / f"cutpaste_recipe/runs/{CUTPASTE_RECIPE}-0/Cutpaste/MVTecAD/magnetic_tile/latest/weights/"
+                "lightning/model.ckpt",
 }
 CLASSES = {"isstad": Isstad, "cutpaste": Cutpaste}
 RESULTS = RUNS / "int8"  # each model's rows, so that --only re-measures one and keeps the other's
