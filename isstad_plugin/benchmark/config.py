@@ -59,16 +59,15 @@ class BenchmarkConfig:
         return list(self.seeds) or [self.seed]
 
     def row_spec(self, run: RunSpec, category: str, seed: int | None = None) -> dict[str, Any]:
-        """Everything one row's job needs, JSON-serialisable; its hash decides whether a stored row is current."""
+        """Everything one row's job needs, JSON-serialisable; its hash decides whether a stored row is current.
+        ``seed`` (default: the config's) seeds the training; ``split_seed``, always the config's ``seed`` and always
+        an explicit integer (0 included), makes the validation/test split."""
         data = {"class_path": self.data["class_path"],
                 "init_args": {**self.data.get("init_args", {}), "category": category}}
-        seed = self.seed if seed is None else seed
-        spec = {"run": asdict(run), "category": category, "data": data, "seed": seed,
+        return {"run": asdict(run), "category": category, "data": data,
+                "seed": int(self.seed if seed is None else seed), "split_seed": int(self.seed),
                 "trainer": {**self.trainer, **run.trainer}, "latency_repeats": self.latency_repeats,
                 "threads": self.threads}
-        if seed != self.seed:  # recorded only when it differs, so rows of the config's own seed keep their hash
-            spec["split_seed"] = self.seed
-        return spec
 
 
 def spec_hash(spec: dict[str, Any]) -> str:

@@ -1,5 +1,8 @@
 """One benchmark row in its own process: train, test, export to OpenVINO, time both runtimes.
 
+The row's metrics are scored at each image's original resolution (:mod:`.scoring`, the same code for every model);
+anomalib's own test figures, at the model's input size, are kept beside them as ``<metric>_anomalib``.
+
 ``python -m isstad_plugin.benchmark.job SPEC.json RESULT.json`` (``isstad-benchmark`` calls it). The
 result is written only when every step finished, so a crashed or killed row leaves no result behind.
 """
@@ -17,7 +20,12 @@ import torch
 
 from isstad_plugin.data_checks import IMAGE_SUFFIXES
 
+from .report import METRICS
+from .scoring import score_module
 from .timing import median, time_calls
+
+# anomalib's Evaluator names of the metrics (``image_F1Score``), as the test run reports them
+ANOMALIB_NAMES = {"image_F1": "image_F1Score", "pixel_F1": "pixel_F1Score"}
 
 
 def resolve_backbone(run: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
@@ -35,11 +43,15 @@ def resolve_backbone(run: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any
                        "weights": str(weights) if weights else "random init, trained here"}
 
 
-def build_datamodule(data: dict[str, Any], seed: int) -> Any:
-    """anomalib's ``get_datamodule`` on ``{class_path, init_args}``; its random splits use ``seed``."""
+def build_datamodule(data: dict[str, Any], split_seed: int) -> Any:
+    """anomalib's ``get_datamodule`` on ``{class_path, init_args}``; its random splits use ``split_seed`` (an explicit
+    integer: ``data.init_args.seed`` is refused, the benchmark's ``seed`` sets the split)."""
     from anomalib.data import get_datamodule
 
-    init_args = {"seed": seed, **(data.get("init_args") or {})}
+    if "seed" in (data.get("init_args") or {}):
+        msg = "data.init_args.seed is set by the benchmark (its top-level 'seed' makes the split); remove it."
+        raise ValueError(msg)
+    init_args = {**(data.get("init_args") or {}), "seed": int(split_seed)}
     folder = Path(init_args.get("root", ".")) / init_args.get("category", "")
     if "root" in init_args and not folder.is_dir():
         msg = f"Data folder {folder} does not exist; set data.init_args.root."
@@ -104,14 +116,15 @@ def run_job(spec: dict[str, Any], work_dir: Path) -> dict[str, Any]:
     init_args, backbone = resolve_backbone(run)
     # anomalib's name lookup (every AnomalibModule subclass, ours included); plain keyword arguments.
     model = get_model(run["model"]["class_path"].rpartition(".")[2], **init_args, evaluator=image_and_pixel_evaluator())
-    datamodule = build_datamodule(spec["data"], spec.get("split_seed", spec["seed"]))
+    datamodule = build_datamodule(spec["data"], spec["split_seed"])
     engine = Engine(default_root_dir=work_dir, max_epochs=run["max_epochs"], logger=False, **spec["trainer"])
 
     start = time.perf_counter()
     engine.fit(model=model, datamodule=datamodule)
     train_s = time.perf_counter() - start
-    metrics = engine.test(model=model, datamodule=datamodule)[0]
+    anomalib_metrics = engine.test(model=model, datamodule=datamodule)[0]  # at the input size (anomalib's default)
     peak_rss_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    metrics = score_module(model, datamodule)  # at each image's original size: the benchmark's figures
 
     size = export_size(model)
     # A static batch-1 graph: the latency measured is batch 1, and anomalib's dynamic-batch PatchCore export
@@ -121,22 +134,19 @@ def run_job(spec: dict[str, Any], work_dir: Path) -> dict[str, Any]:
     image = first_test_image(Path(spec["data"]["init_args"]["root"]) / spec["category"], size)
     torch_ms, openvino_ms = inference_ms(model, Path(ir_path), image, threads, spec["latency_repeats"])
 
-    def metric(name: str) -> float:
-        if name not in metrics:
-            msg = f"The test run reported no {name} (got {sorted(metrics)})."
+    def metric(source: dict[str, float], name: str) -> float:
+        if name not in source:
+            msg = f"The test run reported no {name} (got {sorted(source)})."
             raise KeyError(msg)
-        return round(float(metrics[name]), 4)
+        return round(float(source[name]), 4)
 
     return {
         "model": run["name"],
         "category": spec["category"],
         "class": run["model"]["class_path"].rpartition(".")[2],
         **backbone,
-        "image_AUROC": metric("image_AUROC"),
-        "image_F1": metric("image_F1Score"),
-        "pixel_AUROC": metric("pixel_AUROC"),
-        "pixel_F1": metric("pixel_F1Score"),
-        "pixel_AUPRO": metric("pixel_AUPRO"),
+        **{name: metric(metrics, name) for name in METRICS},
+        **{f"{name}_anomalib": metric(anomalib_metrics, ANOMALIB_NAMES.get(name, name)) for name in METRICS},
         "epochs": run["max_epochs"],
         "train_min": round(train_s / 60, 2),
         "torch_ms": round(torch_ms, 1),

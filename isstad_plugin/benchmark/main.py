@@ -20,8 +20,8 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
 
 from .config import BenchmarkConfig, RunSpec, load_config, spec_hash
-from .report import chart, markdown, publish, read_rows, write_rows
-from .timing import machine
+from .report import chart, markdown, publish, read_rows, refresh_summaries, write_rows
+from .timing import OtherLoad, machine
 
 
 def last_progress_line(log: Path) -> str:
@@ -43,7 +43,7 @@ def run_row(spec: dict, row_dir: Path, progress: Progress, task: int) -> dict | 
     row_dir.mkdir(parents=True)
     spec_path, result_path, log_path = row_dir / "spec.json", row_dir / "result.json", row_dir / "job.log"
     spec_path.write_text(json.dumps(spec, indent=1))
-    with log_path.open("w") as log:
+    with log_path.open("w") as log, OtherLoad() as other_load:
         child = subprocess.Popen([sys.executable, "-m", "isstad_plugin.benchmark.job", str(spec_path),
                                   str(result_path)], stdout=log, stderr=subprocess.STDOUT)
         while child.poll() is None:
@@ -55,7 +55,7 @@ def run_row(spec: dict, row_dir: Path, progress: Progress, task: int) -> dict | 
                                f"log: {log_path}[/red]", soft_wrap=True)
         progress.console.print(tail, markup=False, highlight=False, soft_wrap=True)
         return None
-    return json.loads(result_path.read_text())
+    return {**json.loads(result_path.read_text()), "other_load_pct": other_load.percent}
 
 
 def missing_data_folders(config: BenchmarkConfig) -> list[str]:
@@ -73,13 +73,16 @@ def row_key(row: dict, config: BenchmarkConfig) -> tuple[str, str, int]:
 
 
 def planned(config: BenchmarkConfig) -> list[tuple[RunSpec, str, int]]:
-    """Every (run, category, seed) of the config, in its order."""
-    return [(run, category, seed) for run in config.runs for category in config.categories for seed in config.all_seeds]
+    """Every (run, category, seed) of the config: seed by seed (the config's ``seed`` first, whose runs the cost table
+    shows), then run by run and category by category."""
+    return [(run, category, seed) for seed in config.all_seeds for run in config.runs for category in config.categories]
 
 
 def ordered(rows_by_key: dict, config: BenchmarkConfig) -> list[dict]:
-    """Rows in the config's order (runs, categories, seeds); rows no longer configured go last."""
-    order = {(run.name, category, seed): i for i, (run, category, seed) in enumerate(planned(config))}
+    """Rows in the config's order of runs, then categories, then seeds; rows no longer configured go last."""
+    keys = [(run.name, category, seed) for run in config.runs for category in config.categories
+            for seed in config.all_seeds]
+    order = {key: i for i, key in enumerate(keys)}
     return sorted(rows_by_key.values(), key=lambda row: order.get(row_key(row, config), len(order)))
 
 
@@ -109,10 +112,17 @@ def header_lines(config: BenchmarkConfig, command: str) -> list[str]:
         + (f"seeds {', '.join(map(str, config.all_seeds))} (mean ± std over them; every run below the tables)."
            if len(config.all_seeds) > 1 else f"seed {config.seed}."),
         "Each row trains on the train split with a fixed number of epochs (no early stopping, no model selection),",
-        "sets the image and pixel thresholds on the validation split and reports the disjoint test split.",
+        f"sets the image and pixel thresholds on the validation split (split seed {config.seed}, the same for every",
+        "model and training seed) and reports the disjoint test split.",
+        "**Every metric is scored at each image's original resolution, by the same code for every model**",
+        "(`isstad_plugin/benchmark/scoring.py`): the model's raw anomaly map is resized to the image's size on disk and",
+        "compared with the mask as stored, with anomalib's AUROC, AUPRO and F1 (F1 thresholds learnt on the",
+        "validation half at that resolution). anomalib's default scores map and mask at each model's own input",
+        "size instead; its figures are kept beside ours below.",
         "Latencies are batch-1 medians of the whole pipeline (resize, network, scoring, post-processing) on a",
         "real test image; `peak_rss_MB` is the training process's peak resident memory; `params_M` counts all",
-        "parameters of the torch model, frozen backbones included.",
+        "parameters of the torch model, frozen backbones included; `other_load_pct` is the CPU time other processes",
+        "used while the row ran, in % of the machine (measured from /proc/stat: near 0 means the row ran alone).",
         "",
         *notes,
     ]
@@ -127,6 +137,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--fresh", action="store_true", help="ignore and replace earlier results")
     parser.add_argument("--publish", type=Path, metavar="PAGE.md",
                         help="also write the page (and PAGE.png, PAGE.csv) here, keeping its hand-written part")
+    parser.add_argument("--summaries", type=Path, nargs="+", default=[], metavar="FILE.md",
+                        help="with --publish: regenerate the benchmark-summary blocks of these files (README, model "
+                             "cards) from the published CSV")
     parser.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="config overrides, e.g. seed=1")
     args = parser.parse_args(argv)
     config = load_config(args.config, args.overrides)
@@ -178,7 +191,7 @@ def main(argv: list[str] | None = None) -> int:
 
     rows, missing = current_rows(rows_by_key, config, failed)
     text = markdown(rows, [*header_lines(config, command), "", "![metrics and training time](results.png)"],
-                    missing)
+                    missing, cost_seed=config.seed)
     (output_dir / "results.md").write_text(text)
     if rows:
         chart(rows, output_dir / "results.png")
@@ -188,6 +201,8 @@ def main(argv: list[str] | None = None) -> int:
         if rows:
             shutil.copyfile(output_dir / "results.png", args.publish.with_suffix(".png"))
         shutil.copyfile(csv_path, args.publish.with_suffix(".csv"))
+        for path in args.summaries:
+            path.write_text(refresh_summaries(path))
     console.print(f"results: {csv_path}, {output_dir / 'results.md'}" + (f", {args.publish}" if args.publish else ""))
     if failed:
         logs = [str(output_dir / "runs" / name / (category if seed == config.seed else f"{category}-seed{seed}")

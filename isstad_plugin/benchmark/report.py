@@ -3,17 +3,19 @@
 from __future__ import annotations
 
 import csv
+import re
 import statistics
 from collections.abc import Sequence
 from pathlib import Path
 
+METRICS = ["image_AUROC", "image_F1", "pixel_AUROC", "pixel_F1", "pixel_AUPRO"]
+ANOMALIB_METRICS = [f"{metric}_anomalib" for metric in METRICS]  # anomalib's Evaluator, at the model's input size
 COLUMNS = [
     "model", "category", "class", "backbone", "pretrained", "weights",
-    "image_AUROC", "image_F1", "pixel_AUROC", "pixel_F1", "pixel_AUPRO",
-    "epochs", "train_min", "torch_ms", "openvino_ms", "input_px", "peak_rss_MB", "params_M",
+    *METRICS, *ANOMALIB_METRICS,
+    "epochs", "train_min", "torch_ms", "openvino_ms", "input_px", "peak_rss_MB", "params_M", "other_load_pct",
     "seed", "torch", "spec_hash",
 ]
-METRICS = ["image_AUROC", "image_F1", "pixel_AUROC", "pixel_F1", "pixel_AUPRO"]
 # Between the generated part of a published page and text written by hand, which re-publishing keeps.
 HAND_WRITTEN_MARKER = "<!-- Everything below this line is written by hand and kept when the table is re-published. -->"
 
@@ -49,7 +51,14 @@ def markdown_table(header: Sequence[str], rows: Sequence[Sequence[object]]) -> s
     return "\n".join(lines)
 
 
-NUMERIC_COSTS = ["train_min", "torch_ms", "openvino_ms", "peak_rss_MB", "params_M"]
+NUMERIC_COSTS = ["train_min", "torch_ms", "openvino_ms", "peak_rss_MB", "params_M", "other_load_pct"]
+HEADLINE = ["image_AUROC", "pixel_AUROC", "pixel_AUPRO"]  # the metrics a reader compares models by
+MEAN_LABEL = "mean of categories"
+
+
+def _number(value: object) -> float | None:
+    """``value`` as a float; None when empty (a column older rows did not have)."""
+    return None if value in (None, "") else float(value)
 
 
 def aggregate(rows: Sequence[dict[str, object]]) -> list[dict[str, object]]:
@@ -61,43 +70,146 @@ def aggregate(rows: Sequence[dict[str, object]]) -> list[dict[str, object]]:
     merged = []
     for group in groups.values():
         row = dict(group[0])
-        for column in [*METRICS, *NUMERIC_COSTS]:
-            values = [float(r[column]) for r in group]
-            row[column] = statistics.fmean(values)
+        for column in [*METRICS, *ANOMALIB_METRICS, *NUMERIC_COSTS]:
+            values = [v for v in (_number(r.get(column)) for r in group) if v is not None]
+            row[column] = statistics.fmean(values) if values else None
             row[f"{column}_std"] = statistics.stdev(values) if len(values) > 1 else 0.0
         row["seeds"] = f"{len(group)} ({', '.join(str(r.get('seed', '')) for r in group)})"
         merged.append(row)
     return merged
 
 
-def markdown(rows: Sequence[dict[str, object]], header_lines: Sequence[str], failed: Sequence[str] = ()) -> str:
-    """The results page: ``header_lines``, the metric table, the cost table, and the rows missing from them.
+def category_means(rows: Sequence[dict[str, object]], categories: Sequence[str]) -> list[dict[str, object]]:
+    """Per model with rows on every one of ``categories`` and the same seeds on each: for every seed the mean over
+    the categories, then the mean ± std of those over the seeds (so the spread is the seeds', not the categories')."""
+    by_model: dict[str, dict[tuple[str, str], dict[str, object]]] = {}
+    for row in rows:
+        by_model.setdefault(str(row["model"]), {})[(str(row["category"]), str(row.get("seed", "")))] = row
+    means = []
+    for model, cells in by_model.items():
+        seeds = list(dict.fromkeys(seed for _, seed in cells))
+        if not categories or any((category, seed) not in cells for category in categories for seed in seeds):
+            continue
+        row: dict[str, object] = {"model": model, "category": MEAN_LABEL,
+                                  "seeds": f"{len(seeds)} ({', '.join(seeds)})"}
+        for column in METRICS:
+            per_seed = [statistics.fmean(float(cells[(c, seed)][column]) for c in categories) for seed in seeds]
+            row[column] = statistics.fmean(per_seed)
+            row[f"{column}_std"] = statistics.stdev(per_seed) if len(per_seed) > 1 else 0.0
+        means.append(row)
+    return means
 
-    With several seeds per (model, category), the tables give mean ± std over them and every run is listed below.
-    """
+
+def metric_cell(row: dict[str, object], column: str, with_std: bool) -> str:
+    value = row.get(column)
+    if value is None:
+        return "-"
+    return f"{float(value):.3f} ± {float(row[f'{column}_std']):.3f}" if with_std else f"{float(value):.3f}"
+
+
+SUMMARY_COSTS = {"train_min": "train min", "openvino_ms": "OpenVINO ms", "peak_rss_MB": "peak GB"}
+
+
+def summary_table(rows: Sequence[dict[str, object]], models: Sequence[str] | None = None) -> str:
+    """The headline table: per model, its mean over the categories (when it has them all), then each category:
+    :data:`HEADLINE` metrics as mean ± std over seeds, and the costs of its first seed's runs (the config's ``seed``,
+    timed alone: ``train min``, ``OpenVINO ms``, ``peak GB``; for the mean, their mean over the categories).
+    ``models`` keeps only those models."""
+    categories = list(dict.fromkeys(str(row["category"]) for row in rows))
+    rows = [row for row in rows if models is None or row["model"] in models]
     merged = aggregate(rows)
     several = any(not str(row["seeds"]).startswith("1 ") for row in merged)
+    first_runs: dict[tuple[str, str], dict[str, object]] = {}
+    for row in rows:
+        first_runs.setdefault((str(row["model"]), str(row["category"])), row)
 
-    def cell(row: dict[str, object], column: str) -> object:
-        if column in METRICS and several:
-            return f"{float(row[column]):.3f} ± {float(row[f'{column}_std']):.3f}"
-        if column in NUMERIC_COSTS:
-            return f"{float(row[column]):.4g}"
-        return f"{float(row[column]):.4f}" if column in METRICS else row.get(column, "")
+    def costs(model: str, category: str) -> list[str]:
+        runs = [run for (m, c), run in first_runs.items() if m == model and category in (c, MEAN_LABEL)]
+        cells = []
+        for column in SUMMARY_COSTS:
+            value = statistics.fmean(float(run[column]) for run in runs)
+            cells.append(f"{value / 1024:.1f}" if column == "peak_rss_MB" else f"{value:.3g}")
+        return cells
+
+    table_rows = []
+    for model in dict.fromkeys(str(row["model"]) for row in merged):
+        model_rows = [row for row in merged if row["model"] == model]
+        means = [row for row in category_means(rows, categories) if row["model"] == model]
+        for row in [*(means if len(categories) > 1 else []), *model_rows]:
+            label = f"**{row['category']}**" if row["category"] == MEAN_LABEL else row["category"]
+            table_rows.append([model, label, *(metric_cell(row, c, several) for c in HEADLINE),
+                               *costs(model, str(row["category"]))])
+    return markdown_table(["model", "category", *HEADLINE, *SUMMARY_COSTS.values()], table_rows)
+
+
+# A block of a Markdown file generated from a benchmark CSV, named relative to that file, e.g.
+# <!-- benchmark-summary: docs/benchmarks/three_categories.csv models=isstad,patchcore -->...<!-- /benchmark-summary -->
+SUMMARY_BLOCK = re.compile(r"(?P<open><!-- benchmark-summary: (?P<csv>\S+)(?: models=(?P<models>\S+))? -->\n)"
+                           r"(?P<body>.*?)(?P<close><!-- /benchmark-summary -->)", re.DOTALL)
+
+
+def refresh_summaries(path: Path) -> str:
+    """``path``'s text with every benchmark-summary block regenerated from the CSV it names (:func:`summary_table`).
+    A block whose CSV is missing fails, naming both."""
+
+    def block(match: re.Match[str]) -> str:
+        csv_path = (path.parent / match["csv"]).resolve()
+        if not csv_path.is_file():
+            msg = f"{path}: its benchmark-summary block names {match['csv']}, which does not exist."
+            raise FileNotFoundError(msg)
+        models = match["models"].split(",") if match["models"] else None
+        table = summary_table(read_rows(csv_path), models)
+        source = (f"<sub>Generated from [`{match['csv']}`]({match['csv']}) by `isstad-benchmark --publish` "
+                  "(`--summaries` names this file); do not edit by hand.</sub>")
+        return f"{match['open']}{table}\n\n{source}\n{match['close']}"
+
+    return SUMMARY_BLOCK.sub(block, path.read_text())
+
+
+def markdown(rows: Sequence[dict[str, object]], header_lines: Sequence[str], failed: Sequence[str] = (),
+             cost_seed: int | None = None) -> str:
+    """The results page: ``header_lines``; the mean over categories and the per-category tables (mean ± std over
+    seeds when there are several); anomalib's input-size figures beside ours; the cost table (the ``cost_seed``
+    runs, else means over seeds); every run; and the rows missing from them."""
+    merged = aggregate(rows)
+    several = any(not str(row["seeds"]).startswith("1 ") for row in merged)
+    categories = list(dict.fromkeys(str(row["category"]) for row in rows))
 
     def table(source: Sequence[dict[str, object]], columns: list[str]) -> str:
+        def cell(row: dict[str, object], column: str) -> object:
+            if column in METRICS or column in ANOMALIB_METRICS:
+                return metric_cell(row, column, several)
+            if column in NUMERIC_COSTS:
+                return "-" if row.get(column) in (None, "") else f"{float(row[column]):.4g}"
+            return row.get(column, "")
+
         return markdown_table(columns, [[cell(row, column) for column in columns] for row in source])
 
-    lines = [*header_lines, "", "## Detection and segmentation (test split)", "",
-             table(merged, ["model", "category", *(["seeds"] if several else []), *METRICS]), "",
-             "## Cost and provenance" + (" (means over the seeds)" if several else ""), "",
-             table(merged, ["model", "category", "backbone", "pretrained", "weights", "epochs", "train_min",
-                            "torch_ms", "openvino_ms", "input_px", "peak_rss_MB", "params_M"])]
+    lines = [*header_lines]
+    if len(categories) > 1:
+        lines += ["", f"## Mean over the {len(categories)} categories (test halves)", "",
+                  table(category_means(rows, categories), ["model", "seeds", *METRICS])]
+    lines += ["", "## Per category (test halves)", "",
+              table(merged, ["model", "category", *(["seeds"] if several else []), *METRICS]), "",
+              "## anomalib's default scoring beside ours", "",
+              ("Each pair: our figure (map resized to the image's original size, raw scores) / anomalib's Evaluator "
+               "(map and mask at the model's input size, post-processed scores)."), "",
+              markdown_table(["model", "category", *(f"{m} ours / anomalib" for m in METRICS[2:])],
+                             [[row["model"], row["category"],
+                               *(f"{metric_cell(row, m, False)} / {metric_cell(row, f'{m}_anomalib', False)}"
+                                 for m in METRICS[2:])] for row in merged])]
+    costs = [row for row in rows if cost_seed is not None and str(row.get("seed")) == str(cost_seed)]
+    cost_title = (f"## Cost and provenance (the seed-{cost_seed} runs)" if costs else
+                  "## Cost and provenance" + (" (means over the seeds)" if several else ""))
+    lines += ["", cost_title, "",
+              table(costs or merged, ["model", "category", "backbone", "pretrained", "weights", "epochs", "train_min",
+                                      "torch_ms", "openvino_ms", "input_px", "peak_rss_MB", "params_M",
+                                      "other_load_pct"])]
     if several:
         lines += ["", "## Every run", "", markdown_table(
-            ["model", "category", "seed", *METRICS, "train_min"],
+            ["model", "category", "seed", *METRICS, "train_min", "other_load_pct"],
             [[row["model"], row["category"], row.get("seed", ""), *(f"{float(row[m]):.4f}" for m in METRICS),
-              row["train_min"]] for row in rows])]
+              row["train_min"], row.get("other_load_pct", "") or "-"] for row in rows])]
     if failed:
         lines += ["", "## Rows missing from the tables", "", *[f"- {name}" for name in failed]]
     return "\n".join(lines) + "\n"
@@ -113,20 +225,22 @@ def publish(text: str, path: Path) -> None:
 
 
 def chart(rows: Sequence[dict[str, object]], path: Path) -> None:
-    """Grouped bars: the five metrics per model (one panel per category; means with std bars over seeds), plus
-    training minutes."""
+    """Grouped bars of the five metrics per model, one panel per category and one for the mean over categories
+    (means with std bars over seeds), each beside the training minutes."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     import numpy as np
 
-    rows = aggregate(rows)
-    categories = list(dict.fromkeys(str(row["category"]) for row in rows))
-    fig, axes = plt.subplots(len(categories), 2, figsize=(13, 3.8 * len(categories)), squeeze=False,
+    merged = aggregate(rows)
+    categories = list(dict.fromkeys(str(row["category"]) for row in merged))
+    panels = [(category, [row for row in merged if row["category"] == category]) for category in categories]
+    if len(categories) > 1 and (means := category_means(rows, categories)):
+        panels.insert(0, (MEAN_LABEL, means))
+    fig, axes = plt.subplots(len(panels), 2, figsize=(13, 3.8 * len(panels)), squeeze=False,
                              gridspec_kw={"width_ratios": [3, 1]})
-    for (metric_ax, time_ax), category in zip(axes, categories, strict=True):
-        subset = [row for row in rows if row["category"] == category]
+    for (metric_ax, time_ax), (title, subset) in zip(axes, panels, strict=True):
         names = [str(row["model"]) for row in subset]
         width = 0.8 / len(METRICS)
         for i, metric in enumerate(METRICS):
@@ -138,10 +252,13 @@ def chart(rows: Sequence[dict[str, object]], path: Path) -> None:
         metric_ax.set_xticks(np.arange(len(subset)) + 0.4 - width / 2, names, rotation=15, fontsize=8)
         metric_ax.set_ylim(0, 1.08)
         metric_ax.axhline(0.5, color="grey", linewidth=0.6, linestyle="--")
-        metric_ax.set_title(f"{category}: test metrics (dashed: chance AUROC)")
+        metric_ax.set_title(f"{title}: test metrics at original resolution (dashed: chance AUROC)")
         metric_ax.legend(fontsize=7, ncol=5, loc="upper center", bbox_to_anchor=(0.5, -0.18))
+        if title == MEAN_LABEL:
+            time_ax.axis("off")
+            continue
         time_ax.barh(names, [float(row["train_min"]) for row in subset], color="tab:gray")
-        time_ax.set_xlabel("training minutes")
+        time_ax.set_xlabel("training minutes (mean over seeds)")
         time_ax.invert_yaxis()
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)

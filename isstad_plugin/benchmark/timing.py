@@ -78,3 +78,44 @@ def matmul_peak_gflops(threads: int, size: int = 2048, repeats: int = 10) -> flo
     seconds = median(time_calls(lambda: torch.mm(a, b), repeats, warmup=3))
     torch.set_num_threads(previous)
     return 2 * size**3 / seconds / 1e9
+
+
+def busy_cpu_seconds() -> float | None:
+    """CPU seconds every process on this machine has spent working since boot (``/proc/stat``: user, nice, system,
+    irq, softirq); None where there is no ``/proc/stat``."""
+    try:
+        fields = Path("/proc/stat").read_text().splitlines()[0].split()
+    except OSError:
+        return None
+    user, nice, system, _idle, _iowait, irq, softirq = (int(value) for value in fields[1:8])
+    return (user + nice + system + irq + softirq) / os.sysconf("SC_CLK_TCK")
+
+
+class OtherLoad:
+    """How much of the machine processes other than this one and its children used while it was open: a row timed
+    with other work on the cores is marked, not passed off as quiet.
+
+    ``with OtherLoad() as load: run_and_wait(child)``; then ``load.percent`` is the other processes' CPU time as a
+    percentage of the machine's capacity (cores x wall time) over that interval. This process's own time and that of
+    its waited-for children (and theirs: a job's DataLoader workers) come from ``os.times``; the machine's from
+    ``/proc/stat``. ``percent`` is None where ``/proc/stat`` is missing.
+    """
+
+    def __enter__(self) -> OtherLoad:  # noqa: PYI034 (typing.Self needs Python 3.11)
+        self._start = (time.perf_counter(), busy_cpu_seconds(), self._own())
+        self.percent: float | None = None
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        wall0, busy0, own0 = self._start
+        busy1 = busy_cpu_seconds()
+        if busy0 is None or busy1 is None:
+            return
+        capacity = (time.perf_counter() - wall0) * (os.cpu_count() or 1)
+        other = max(0.0, (busy1 - busy0) - (self._own() - own0))
+        self.percent = round(100 * other / capacity, 1) if capacity > 0 else None
+
+    @staticmethod
+    def _own() -> float:
+        times = os.times()
+        return times.user + times.system + times.children_user + times.children_system
