@@ -11,9 +11,12 @@ Lightning. They all live here; nothing else in the package touches another libra
   benchmark job modules are imported (by the start-up hook ``isstad_plugin_hook``), the timm tag and
   the DDP option by the code that needs them, when it runs.
 
+This is the bottom layer: it imports nothing of the plugin. What it registers (the models and their modules) is
+passed in by the code that knows them (``isstad_plugin/__init__.py``, the start-up hook).
+
 The changes, each with the version it targets (tested) and what it touches:
 
-- :func:`register_models`: our model modules on ``anomalib.models.ALLOWED_MODULES``, ``Isstad``/``Cutpaste`` as
+- :func:`register_models`: the plugin's model modules on ``anomalib.models.ALLOWED_MODULES``, its model classes as
   ``anomalib.models`` attributes (anomalib 2.7.0; public names);
 - :func:`case_insensitive_model_names`: ``--model isstad`` resolves as ``get_model`` does (jsonargparse 4.46.0;
   private ``_typehints.resolve_class_path_by_name``);
@@ -33,17 +36,10 @@ The changes, each with the version it targets (tested) and what it touches:
 from __future__ import annotations
 
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import replace
 from typing import Any
 
-PLUGIN_MODELS = ("Isstad", "Cutpaste")
-PLUGIN_MODULES = (
-    "isstad_plugin",
-    "isstad_plugin.models",
-    "isstad_plugin.models.isstad",
-    "isstad_plugin.models.cutpaste",
-)
 _MARK = "_isstad_plugin_patch"
 
 
@@ -56,7 +52,8 @@ def apply(patch: Callable[[], Any], lost: str) -> bool:
     try:
         patch()
     except Exception as error:  # noqa: BLE001  (a moved internal must never break anomalib itself)
-        warnings.warn(f"isstad_plugin: {patch.__name__} could not be applied ({type(error).__name__}: {error}); "
+        name = getattr(patch, "__name__", None) or getattr(getattr(patch, "func", None), "__name__", repr(patch))
+        warnings.warn(f"isstad_plugin: {name} could not be applied ({type(error).__name__}: {error}); "
                       f"{lost}. Everything else works as stock anomalib does. Install the versions pinned by "
                       "isstad-plugin to get it back.", RuntimeWarning, stacklevel=2)
         return False
@@ -72,18 +69,16 @@ def _mark(function: Callable) -> Callable:
     return function
 
 
-def register_models() -> None:
-    """Allow ``get_model`` to import models from this package (and only this package); expose them by name
+def register_models(models: Mapping[str, type], modules: Iterable[str]) -> None:
+    """Allow ``get_model`` to import models from ``modules`` (the plugin's, and only those); expose ``models`` by name
     (``{"class_path": "Isstad"}``, what anomalib's benchmark passes to ``get_model``), never shadowing an anomalib
     model of the same name."""
-    from anomalib import models
+    from anomalib import models as anomalib_models
 
-    import isstad_plugin.models as plugin_models
-
-    models.ALLOWED_MODULES.update(PLUGIN_MODULES)
-    for name in PLUGIN_MODELS:
-        if name not in vars(models):
-            setattr(models, name, getattr(plugin_models, name))
+    anomalib_models.ALLOWED_MODULES.update(modules)
+    for name, model in models.items():
+        if name not in vars(anomalib_models):
+            setattr(anomalib_models, name, model)
 
 
 def _normalise(name: str) -> str:
@@ -240,8 +235,5 @@ def apply_engine_patches() -> None:
 
 
 def apply_benchmark_patches() -> None:
-    """The changes ``anomalib benchmark`` needs (run when its job module is imported)."""
+    """The change ``anomalib benchmark`` needs (run when its job module is imported)."""
     apply(mixed_benchmark_results, "anomalib benchmark fails with KeyError on grids whose result keys differ")
-    from isstad_plugin.backbones import register_offline_backbones
-
-    apply(register_offline_backbones, "the offline backbone efficientnet_lite0.pypi_in1k is not available")

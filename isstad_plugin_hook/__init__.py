@@ -9,7 +9,8 @@ does nothing until one of the watched anomalib modules has been imported:
 - ``anomalib.cli.cli``: lets the CLI resolve model names case-insensitively (``--model isstad``) and apply
   ``seed_everything`` for this package's models (:func:`isstad_plugin.patches.apply_cli_patches`).
 - ``anomalib.pipelines.benchmark.job``: lets ``anomalib benchmark`` tabulate models whose result keys differ and
-  use the offline backbone (:func:`isstad_plugin.patches.apply_benchmark_patches`).
+  use the offline backbone (:func:`isstad_plugin.patches.apply_benchmark_patches`,
+  :func:`isstad_plugin.backbones.register_offline_backbones`).
 - ``anomalib.engine.engine``: an Engine given no epoch budget trains this package's models for their own epochs
   (:func:`isstad_plugin.patches.apply_engine_patches`).
 
@@ -111,9 +112,11 @@ def _after_import(fullname: str, module) -> None:  # noqa: ANN001
 
             apply_cli_patches()
         elif fullname == "anomalib.pipelines.benchmark.job":
-            from isstad_plugin.patches import apply_benchmark_patches
+            from isstad_plugin.backbones import register_offline_backbones
+            from isstad_plugin.patches import apply, apply_benchmark_patches
 
             apply_benchmark_patches()
+            apply(register_offline_backbones, "the offline backbone efficientnet_lite0.pypi_in1k is not available")
         elif fullname == "anomalib.engine.engine":
             from isstad_plugin.patches import apply_engine_patches
 

@@ -15,13 +15,22 @@ def module_name(path: Path) -> str:
     return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
 
 
-def module_level_imports(path: Path, modules: set[str]) -> set[str]:
-    """The package's modules that ``path`` imports when it is imported (not in functions, not for type checking)."""
+def type_checking_nodes(tree: ast.Module) -> set[int]:
+    """ids of the nodes inside ``if TYPE_CHECKING:`` blocks (imports only a type checker runs)."""
+    return {id(inner) for node in ast.walk(tree) if isinstance(node, ast.If) and "TYPE_CHECKING" in ast.unparse(node.test)
+            for inner in ast.walk(node)}
+
+
+def package_imports(path: Path, modules: set[str]) -> set[str]:
+    """The package's modules that ``path`` imports anywhere: at module level and inside functions (a loop closed only
+    inside a function is still a loop a reader has to follow), not for type checking."""
     name = module_name(path)
     package = name if path.name == "__init__.py" else name.rpartition(".")[0]
     found = set()
-    for node in ast.parse(path.read_text()).body:
-        if isinstance(node, ast.If) and "TYPE_CHECKING" in ast.unparse(node.test):
+    tree = ast.parse(path.read_text())
+    skipped = type_checking_nodes(tree)
+    for node in ast.walk(tree):
+        if id(node) in skipped:
             continue
         if isinstance(node, ast.Import):
             found |= {alias.name for alias in node.names}
@@ -33,9 +42,14 @@ def module_level_imports(path: Path, modules: set[str]) -> set[str]:
     return {module for module in found if module in modules and module != name}
 
 
-def test_no_import_circles_inside_the_package() -> None:
-    paths = {module_name(path): path for path in PACKAGE.rglob("*.py")}
-    graph = {name: module_level_imports(path, set(paths)) for name, path in paths.items()}
+def import_graph() -> dict[str, set[str]]:
+    """Every module of the package and the start-up hook, with the modules of both it imports anywhere."""
+    paths = {module_name(path): path for root in (PACKAGE, REPO / "isstad_plugin_hook") for path in root.rglob("*.py")}
+    return {name: package_imports(path, set(paths)) for name, path in paths.items()}
+
+
+def test_no_import_circles_inside_the_package_not_even_through_functions() -> None:
+    graph = import_graph()
     circles = []
 
     def visit(name: str, trail: list[str]) -> None:
@@ -58,3 +72,15 @@ def test_lightning_modules_stay_thin() -> None:
     """Like anomalib's own models: the contract, the steps and the wiring; the rest lives in its own module."""
     lines = len((PACKAGE / "models" / "isstad" / "lightning_model.py").read_text().splitlines())
     assert lines <= 250, f"isstad/lightning_model.py has {lines} lines"
+
+
+def test_patches_is_the_bottom_layer() -> None:
+    """``patches`` changes other libraries; it knows nothing of the plugin built on it."""
+    graph = import_graph()
+    assert graph["isstad_plugin.patches"] == set()
+    assert "isstad_plugin.patches" in graph["isstad_plugin"]  # the package entry registers the models through it
+
+
+def test_the_graph_sees_imports_inside_functions() -> None:
+    # deploy.load_trained_model imports the models inside the function only
+    assert "isstad_plugin.models" in import_graph()["isstad_plugin.deploy"]
