@@ -28,10 +28,18 @@ TINY_MODEL = {
 }
 
 
+def shared_category(name: str) -> Path:
+    """The real category ``name`` under the shared data folder; a test that needs it fails (never skips) without it."""
+    folder = SHARED_DATA / name
+    if not folder.is_dir():
+        pytest.fail(f"Real test data not found at {folder}: put the shared data beside the checkout "
+                    "(../shared/data) or set ISSTAD_SHARED_DATA to the folder holding it.")
+    return folder
+
+
 def make_slice(root: Path, n_train: int = 16, n_good: int = 4, defects: dict[str, int] | None = None) -> Path:
     """Copy the first images of each split (real files, MVTec layout) into ``root/magnetic_tile``."""
-    if not MAGNETIC_TILE.is_dir():
-        pytest.fail(f"Real test data not found at {MAGNETIC_TILE} (set ISSTAD_SHARED_DATA).")
+    shared_category("magnetic_tile")
     defects = defects or {"crack": 3, "blowhole": 3}
     target = root / "magnetic_tile"
 
@@ -56,6 +64,12 @@ def make_slice(root: Path, n_train: int = 16, n_good: int = 4, defects: dict[str
 def tile_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """Root folder holding a small real ``magnetic_tile`` category (16 train, 4 good + 6 defective test)."""
     return make_slice(tmp_path_factory.mktemp("data"))
+
+
+@pytest.fixture(scope="session")
+def magnetic_tile() -> Path:
+    """The real ``magnetic_tile`` category (read only)."""
+    return shared_category("magnetic_tile")
 
 
 @pytest.fixture

@@ -24,8 +24,6 @@ from isstad_plugin.models.isstad.corruption import (
     remove_dark,
 )
 
-MAGNETIC_TILE = Path("/work/shared/data/magnetic_tile/train/good")
-
 
 @pytest.fixture(autouse=True, scope="module")
 def _single_thread() -> Iterator[None]:
@@ -355,7 +353,7 @@ def test_color_transform_grayscale_and_blur_variants() -> None:
 
 
 def test_colour_jitter_ops_match_torchvision() -> None:
-    tf = pytest.importorskip("torchvision.transforms.functional")
+    import torchvision.transforms.functional as tf
     images = torch.rand(4, 3, 16, 16, generator=torch.Generator().manual_seed(4))
     factor = torch.tensor([[0.2, 1.8, 0.5], [1.7, 0.3, 1.2], [1.0, 0.6, 1.8], [0.4, 1.1, 0.2]])
     reference = [tf.adjust_brightness, tf.adjust_contrast, tf.adjust_saturation]
@@ -371,12 +369,11 @@ def test_colour_jitter_ops_match_torchvision() -> None:
         torch.testing.assert_close(out[i], tf.adjust_hue(images[i], hue[i].item()), atol=1e-4, rtol=0)
 
 
-def test_real_magnetic_tile_images() -> None:
-    if not MAGNETIC_TILE.is_dir():
-        pytest.skip(f"{MAGNETIC_TILE} is missing")
+def test_real_magnetic_tile_images(magnetic_tile: Path) -> None:
     from torchvision.io import ImageReadMode, read_image
 
-    files = sorted(MAGNETIC_TILE.glob("*.png"))[:6]
+    files = sorted((magnetic_tile / "train" / "good").glob("*.png"))[:6]
+    assert len(files) == 6, f"fewer than 6 training images in {magnetic_tile}"
     images = torch.cat([
         F.interpolate(read_image(str(f), ImageReadMode.RGB)[None].float() / 255, size=(96, 96), mode="bilinear",
                       antialias=True).clamp(0, 1)
