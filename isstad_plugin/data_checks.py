@@ -166,11 +166,84 @@ def check_mvtec_layout(folder: Path) -> None:
         raise DataCheckError(msg)
 
 
+def _folder_images(folder: Path, extensions: Iterable[str]) -> list[Path]:
+    """The images anomalib's ``Folder`` reads from ``folder`` (recursively, by extension, any case), sorted by path."""
+    wanted = {extension.lower() for extension in extensions}
+    return sorted((f for f in folder.glob("**/*") if f.suffix.lower() in wanted and f.is_file()), key=str)
+
+
+def _mask_names(image: Path) -> set[str]:
+    """The mask stems that name ``image``: ``<stem>`` or ``<stem>_mask``."""
+    return {image.stem, f"{image.stem}_mask"}
+
+
+def check_folder_layout(datamodule: object) -> None:
+    """Fail before anomalib reads a ``Folder`` data set whose folders it would misread.
+
+    anomalib's ``Folder`` needs ``normal_dir`` and reads ``abnormal_dir``, ``normal_test_dir`` and ``mask_dir`` when
+    given; it pairs each defective image with a mask by *sorted position*, so a missing or extra mask shifts every
+    pairing after it (or fails inside pandas), and a mask given without defective images is silently unused.
+
+    Raises:
+        FileNotFoundError: a named folder does not exist.
+        DataCheckError: a folder holds no image anomalib reads; masks given without ``abnormal_dir``; a defective
+            image without its mask, a mask naming no defective image, or a pairing by position that differs from the
+            pairing by name (``<name>.<ext>`` with ``<name>.png`` or ``<name>_mask.png``).
+    """
+    from anomalib.data.utils.path import validate_and_resolve_path
+    from torchvision.datasets.folder import IMG_EXTENSIONS
+
+    root = getattr(datamodule, "root", None)
+    extensions = tuple(getattr(datamodule, "extensions", None) or IMG_EXTENSIONS)
+    folders: dict[str, Path] = {}
+    for option in ("normal_dir", "abnormal_dir", "normal_test_dir", "mask_dir"):
+        value = getattr(datamodule, option, None)
+        if value is None:
+            continue
+        if not isinstance(value, str | Path):
+            return  # several folders per option: anomalib's own checks only
+        path = Path(root) / value if root is not None and not Path(value).is_absolute() else Path(value)
+        if not path.is_dir():
+            msg = (f"--data.{option} {path} does not exist (data root {root}); point --data.{option} at the folder "
+                   f"of {'masks' if option == 'mask_dir' else 'images'} (relative to --data.root, or absolute).")
+            raise FileNotFoundError(msg)
+        folders[option] = Path(validate_and_resolve_path(value, root))
+    if "normal_dir" not in folders:
+        msg = "anomalib's Folder needs --data.normal_dir: the folder of good images to train on."
+        raise DataCheckError(msg)
+    images = {option: _folder_images(path, extensions) for option, path in folders.items()}
+    problems = [f"--data.{option} {folders[option]} holds no image anomalib reads ({', '.join(extensions)}); put "
+                "the images there or fix the path" for option, found in images.items() if not found]
+    if "mask_dir" in folders and "abnormal_dir" not in folders:
+        problems.append(f"--data.mask_dir {folders['mask_dir']} is given without --data.abnormal_dir: masks belong to "
+                        "defective images; add the folder of defective images, or leave the masks out")
+    elif "mask_dir" in folders and images["mask_dir"] and images["abnormal_dir"]:
+        defective, masks = images["abnormal_dir"], images["mask_dir"]
+        named = {mask.stem: mask for mask in masks}
+        for image in defective:
+            if not _mask_names(image) & named.keys():
+                problems.append(f"{image} has no mask in {folders['mask_dir']} (expected {image.stem}.png or "
+                                f"{image.stem}_mask.png)")
+        stems = {name for image in defective for name in _mask_names(image)}
+        problems += [f"{mask} is a mask of no image in {folders['abnormal_dir']}" for mask in masks
+                     if mask.stem not in stems]
+        if not problems and len(masks) == len(defective):
+            problems += [f"anomalib pairs masks by sorted position: {image} would get {mask}; rename the masks to "
+                         f"<image name>.png or <image name>_mask.png so that both folders sort alike"
+                         for image, mask in zip(defective, masks, strict=True) if mask.stem not in _mask_names(image)]
+    if problems:
+        shown = "\n  ".join(problems[:20])
+        more = f"\n  ... and {len(problems) - 20} more" if len(problems) > 20 else ""
+        msg = (f"{len(problems)} problem(s) with the Folder data set:\n  {shown}{more}\n"
+               "Fix the folders named above; nothing was read.")
+        raise DataCheckError(msg)
+
+
 def check_data_folder(datamodule: object) -> None:
     """Fail before anomalib reads or downloads anything when a folder-layout datamodule's data is unusable.
 
-    Checks the ``<root>/<category>`` folder of any datamodule that has ``root`` and ``category`` (MVTec AD,
-    Visa, ...). A missing folder of a category anomalib can download (MVTec AD) is left to anomalib's download
+    anomalib's ``Folder``: :func:`check_folder_layout`. Otherwise checks the ``<root>/<category>`` folder of any
+    datamodule that has ``root`` and ``category`` (MVTec AD, Visa, ...). A missing folder of a category anomalib can download (MVTec AD) is left to anomalib's download
     only when the download host answers; offline (``HF_HUB_OFFLINE=1``, or no answer within 3 s) it fails here
     instead of after a long wait. For MVTec AD, :func:`check_mvtec_layout` then pairs images and masks.
 
@@ -178,6 +251,9 @@ def check_data_folder(datamodule: object) -> None:
         FileNotFoundError: the category folder is missing (and cannot be downloaded here).
         DataCheckError: see :func:`check_mvtec_layout`.
     """
+    if type(datamodule).__name__ == "Folder":
+        check_folder_layout(datamodule)
+        return
     root, category = getattr(datamodule, "root", None), getattr(datamodule, "category", None)
     if root is None or category is None:
         return

@@ -174,6 +174,83 @@ def _decompression_bomb(work: Path) -> list[str]:
     return train(root, work / "out")
 
 
+# ---------------------------------------------------------------------------------------------------- Folder faults
+def folder_train(root: Path, out: Path, **folders: str) -> list[str]:
+    """``anomalib train`` of the tiny ISSTAD on anomalib's ``Folder`` at ``root`` with ``folders`` (normal_dir=...)."""
+    flags = [arg for name, value in folders.items() for arg in (f"--data.{name}", value)]
+    return [str(BIN / "anomalib"), "train", "--model", "isstad", *MODEL_FLAGS, "--model.stage1_epochs", "1",
+            "--model.stage2_epochs", "1", "--data", "anomalib.data.Folder", "--data.name", "parts", "--data.root",
+            str(root), *flags, "--data.num_workers", "0", "--data.train_batch_size", "4", "--data.eval_batch_size",
+            "4", "--trainer.accelerator", "cpu", "--trainer.enable_progress_bar", "false", "--default_root_dir",
+            str(out)]
+
+
+def folder_parts(work: Path) -> Path:
+    """``work/parts`` from real tiles: good/ (JPEG), defect/ (PNG) and masks/ (``<name>_mask.png``)."""
+    tiles = make_slice(work / "tiles", n_train=6, n_good=1, defects={"crack": 2}) / "magnetic_tile"
+    parts = work / "parts"
+    for folder in ("good", "defect", "masks"):
+        (parts / folder).mkdir(parents=True)
+    for image in (tiles / "train" / "good").glob("*.png"):
+        cv2.imwrite(str(parts / "good" / f"{image.stem}.jpg"), cv2.imread(str(image)))
+    for image in (tiles / "test" / "crack").glob("*.png"):
+        image.rename(parts / "defect" / f"crack{image.name}")
+        (tiles / "ground_truth" / "crack" / f"{image.stem}_mask.png").rename(
+            parts / "masks" / f"crack{image.stem}_mask.png")
+    return parts
+
+
+def _folder_normal_missing(work: Path) -> list[str]:
+    return folder_train(folder_parts(work), work / "out", normal_dir="goood")
+
+
+def _folder_normal_empty(work: Path) -> list[str]:
+    parts = folder_parts(work)
+    (parts / "empty").mkdir()
+    return folder_train(parts, work / "out", normal_dir="empty")
+
+
+def _folder_masks_without_defects(work: Path) -> list[str]:
+    return folder_train(folder_parts(work), work / "out", normal_dir="good", mask_dir="masks")
+
+
+def _folder_mask_missing(work: Path) -> list[str]:
+    parts = folder_parts(work)
+    min((parts / "masks").glob("*.png")).unlink()
+    return folder_train(parts, work / "out", normal_dir="good", abnormal_dir="defect", mask_dir="masks")
+
+
+def _folder_mask_of_no_image(work: Path) -> list[str]:
+    parts = folder_parts(work)
+    mask = min((parts / "masks").glob("*.png"))
+    mask.rename(mask.with_name("scratch_mask.png"))
+    return folder_train(parts, work / "out", normal_dir="good", abnormal_dir="defect", mask_dir="masks")
+
+
+def _folder_pairing_by_position(work: Path) -> list[str]:
+    parts = folder_parts(work)
+    first, second = sorted((parts / "defect").glob("*.png"))
+    first.rename(first.with_name("a.png"))
+    second.rename(second.with_name("a1.png"))
+    masks = sorted((parts / "masks").glob("*.png"))
+    masks[0].rename(masks[0].with_name("a_mask.png"))
+    masks[1].rename(masks[1].with_name("a1_mask.png"))
+    return folder_train(parts, work / "out", normal_dir="good", abnormal_dir="defect", mask_dir="masks")
+
+
+def _folder_truncated_jpeg(work: Path) -> list[str]:
+    parts = folder_parts(work)
+    image = sorted((parts / "good").glob("*.jpg"))[1]
+    image.write_bytes(image.read_bytes()[:300])
+    return folder_train(parts, work / "out", normal_dir="good")
+
+
+def _folder_mask_other_size(work: Path) -> list[str]:
+    parts = folder_parts(work)
+    cv2.imwrite(str(min((parts / "masks").glob("*.png"))), np.zeros((10, 12), np.uint8))
+    return folder_train(parts, work / "out", normal_dir="good", abnormal_dir="defect", mask_dir="masks")
+
+
 # ---------------------------------------------------------------------------------------------------- options
 def _patch_does_not_divide(work: Path) -> list[str]:
     return [*train(make_slice(work / "data", 2, 1, {"crack": 1}), work / "out"), "--model.image_size", "72"]
@@ -316,6 +393,22 @@ CASES: list[Case] = [
          r"000\.jpg.*only \.png"),
     Case("image-decompression-bomb", "a PNG header claiming 30000 x 30000 pixels", _decompression_bomb,
          r"huge\.png: .*900 megapixels"),
+    Case("folder-normal-missing", "`Folder`: `--data.normal_dir` names a folder that does not exist",
+         _folder_normal_missing, r"--data\.normal_dir .*parts/goood does not exist"),
+    Case("folder-normal-empty", "`Folder`: the good-image folder holds no image", _folder_normal_empty,
+         r"--data\.normal_dir .*parts/empty holds no image anomalib reads"),
+    Case("folder-masks-without-defects", "`Folder`: `--data.mask_dir` without `--data.abnormal_dir`",
+         _folder_masks_without_defects, r"--data\.mask_dir .*without --data\.abnormal_dir"),
+    Case("folder-mask-missing", "`Folder`: a defective image without its mask", _folder_mask_missing,
+         r"defect/crack\w+\.png has no mask"),
+    Case("folder-mask-of-no-image", "`Folder`: a mask whose name matches no defective image",
+         _folder_mask_of_no_image, r"scratch_mask\.png is a mask of no image"),
+    Case("folder-pairing-by-position", "`Folder`: names that anomalib's pairing by sorted position would mismatch",
+         _folder_pairing_by_position, r"defect/a\.png would get .*masks/a1_mask\.png"),
+    Case("folder-image-truncated", "`Folder`: a truncated JPEG among the good images", _folder_truncated_jpeg,
+         r"good/\w+\.jpg: cannot be read"),
+    Case("folder-mask-other-size", "`Folder`: a mask of another size than its image", _folder_mask_other_size,
+         r"_mask\.png: mask is 12x10 but its image"),
     Case("image-size-patch", "`--model.image_size 72` with 16 px patches", _patch_does_not_divide,
          r"image_size=72 is not a multiple of patch_size=16"),
     Case("learning-rate-nan", "`--model.stage2_lr .nan`", _nan_learning_rate, r"stage2_lr must be a finite number > 0"),

@@ -4,7 +4,8 @@
 *direct* subclasses of ``AnomalibModule``). It provides:
 
 - the anomalib contract of a one-class model that normalises inside its network: resize-only pre-processing,
-  image and pixel metrics (:func:`.evaluation.image_and_pixel_evaluator`), no sanity validation;
+  image and pixel metrics (:func:`.evaluation.image_and_pixel_evaluator`), thresholds that stay meaningful on good
+  images alone (:mod:`.thresholds`), no sanity validation;
 - checks before anything runs: the data folder (before anomalib reads or downloads it), the output folder and
   every file of the splits used, a pre-processor that normalises;
 - safe files: atomic checkpoints and exports with named load errors (:mod:`.checkpoints`, :mod:`.export`), the
@@ -54,6 +55,7 @@ from .export import SafeFilesMixin
 from .guard_rails import RunTimeEstimate, fit_workers_to_cores
 from .pre_processing import refuse_normalize, resize_only
 from .resume import keep_trained_network, remember_fit
+from .thresholds import DEFAULT_FALSE_ALARM_RATE, FalseAlarmPostProcessor
 
 logger = logging.getLogger(__name__)
 
@@ -85,8 +87,14 @@ class PluginModel(SafeFilesMixin):
 
     @staticmethod
     def configure_evaluator() -> Evaluator:
-        """Image AUROC and F1; pixel AUROC, F1 and AUPRO."""
+        """Image AUROC and F1; pixel AUROC, F1 and AUPRO (on a test split without defective images, the
+        false-alarm rates instead: :class:`.thresholds.DefinedMetricsEvaluator`)."""
         return image_and_pixel_evaluator()
+
+    def configure_post_processor(self) -> FalseAlarmPostProcessor:
+        """anomalib's F1-adaptive thresholds and min-max normalisation; on a validation split of good images only,
+        thresholds at the model's ``false_alarm_rate`` (:class:`.thresholds.FalseAlarmPostProcessor`)."""
+        return FalseAlarmPostProcessor(false_alarm_rate=self.hparams.get("false_alarm_rate", DEFAULT_FALSE_ALARM_RATE))
 
     @property
     def learning_type(self) -> LearningType:

@@ -28,7 +28,6 @@ from anomalib.data import Batch
 from anomalib.data.transforms.utils import extract_transforms_by_type
 from anomalib.metrics import Evaluator
 from anomalib.models.components import AnomalibModule
-from anomalib.post_processing import PostProcessor
 from anomalib.visualization import Visualizer
 from lightning.pytorch.trainer.states import TrainerFn
 from lightning.pytorch.utilities.types import STEP_OUTPUT
@@ -40,6 +39,7 @@ from isstad_plugin.errors import input_error
 from isstad_plugin.models.components.arguments import check_numbers
 from isstad_plugin.models.components.base import LIGHTNING_DEFAULT_MAX_EPOCHS, PluginModel, describe_data
 from isstad_plugin.models.components.smoothing import gaussian_radius
+from isstad_plugin.models.components.thresholds import DEFAULT_FALSE_ALARM_RATE
 
 from .augmentation import PAPER_SIZE, CutPaste, random_crops
 from .torch_model import PAPER_HEAD, CutpasteModel
@@ -73,6 +73,8 @@ class Cutpaste(PluginModel, AnomalibModule):
         weight_decay: SGD weight decay.
         max_epochs: epochs used when the trainer was given no budget (see the module docstring).
         score_sigma: Gaussian sigma (pixels) of the anomaly-map smoothing.
+        false_alarm_rate: With no defective image in the validation split (good images only), the thresholds flag
+            at most this share of its good images (and pixels); with defective images they maximise F1.
         pre_processor: Pre-processor; the default resizes only (normalisation is inside the torch model).
         post_processor: Post-processor (thresholds and normalisation learnt on the validation split).
         evaluator: Evaluator; the default computes image AUROC/F1 and pixel AUROC/F1/AUPRO.
@@ -103,6 +105,7 @@ class Cutpaste(PluginModel, AnomalibModule):
         weight_decay: float = 3e-5,
         max_epochs: int = 256,
         score_sigma: float = 4.0,
+        false_alarm_rate: float = DEFAULT_FALSE_ALARM_RATE,
         pre_processor: nn.Module | bool = True,
         post_processor: nn.Module | bool = True,
         evaluator: Evaluator | bool = True,
@@ -132,12 +135,6 @@ class Cutpaste(PluginModel, AnomalibModule):
         hp = self.hparams
         return CutpasteModel(backbone=hp.backbone, head_layers=tuple(hp.head_layers), patch_size=hp.patch_size,
                              patch_stride=hp.patch_stride, score_sigma=hp.score_sigma)
-
-    # ------------------------------------------------------------------ anomalib contract
-    @classmethod
-    def configure_post_processor(cls) -> PostProcessor:
-        """anomalib's default post-processor (F1-adaptive thresholds, min-max normalisation)."""
-        return PostProcessor()
 
     # ------------------------------------------------------------------ set-up
     def setup(self, stage: str) -> None:

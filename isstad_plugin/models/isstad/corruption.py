@@ -355,8 +355,11 @@ class SyntheticCorruption(SeededAugmentation):
         for name in ("max_shapes", "restrict_to_foreground", "remove_dark"):
             if name in options:
                 setattr(self, name, getattr(preset, name) if options[name] is None else options[name])
-        source = f"MVTec AD preset for {category!r}" if category in MVTEC_AD_PRESETS else "defaults"
-        return (f"ISSTAD corruption ({source}, config overrides applied): max_shapes={self.max_shapes}, "
+        known = category is not None and category.strip().lower() in MVTEC_AD_PRESETS
+        source = (f"MVTec AD preset for {category!r}" if known else
+                  f"defaults: {category or 'this data set'!r} is not an MVTec AD category, so no preset applies; "
+                  "--model.max_shapes, --model.restrict_to_foreground and --model.remove_dark change them")
+        return (f"ISSTAD corruption ({source}; config overrides applied): max_shapes={self.max_shapes}, "
                 f"restrict_to_foreground={self.restrict_to_foreground}, remove_dark={self.remove_dark}, "
                 f"probability={self.probability:.3f}.")
 

@@ -23,6 +23,7 @@ from torch import nn
 
 from isstad_plugin.data_cache import cache_train_data, release_train_cache
 from isstad_plugin.models.components.base import PluginModel
+from isstad_plugin.models.components.thresholds import DEFAULT_FALSE_ALARM_RATE as FALSE_ALARM_RATE
 
 from .anomaly_map import ImageScore, MapCalibration, MapKind, calibrate_on_training_images
 from .corruption import PAPER_TRANSFORMS, Fill, MaskKind, SyntheticCorruption
@@ -85,6 +86,7 @@ class Isstad(PluginModel, AnomalibModule):
         val_every_n_epochs: Validate every this many stage-2 epochs (0: after the last only); see :mod:`.stages`.
         checkpoint_every_n_epochs: Rewrite ``model.ckpt`` every this many epochs besides the stage ends.
         train_cache_gb: Keep decoded training images in memory up to this many GB (0: decode every epoch).
+        false_alarm_rate: Share of held-out good images the thresholds flag when validation has no defective image.
         pre_processor: Pre-processor; the default resizes only (the torch model normalises).
         post_processor: Post-processor (thresholds and normalisation learnt on the validation split).
         evaluator: Evaluator; the default computes image AUROC/F1 and pixel AUROC/F1/AUPRO.
@@ -143,6 +145,7 @@ class Isstad(PluginModel, AnomalibModule):
         val_every_n_epochs: int = 0,
         checkpoint_every_n_epochs: int = 10,
         train_cache_gb: float = 2.0,
+        false_alarm_rate: float = FALSE_ALARM_RATE,
         pre_processor: nn.Module | bool = True,
         post_processor: nn.Module | bool = True,
         evaluator: Evaluator | bool = True,
@@ -245,6 +248,3 @@ class Isstad(PluginModel, AnomalibModule):
     def validation_step(self, batch: Batch, *_args, **_kwargs) -> STEP_OUTPUT:
         """Score the batch (anomaly maps and image scores) for thresholds and metrics."""
         return batch.update(**self.model(batch.image)._asdict())
-
-
-__all__ = ["Isstad"]
