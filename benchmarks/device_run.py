@@ -157,8 +157,9 @@ def datamodule(root: Path, category: str, workers: int) -> Any:
 def engine(out: Path, device: torch.device, precision: str, **trainer: Any) -> Any:
     from anomalib.engine import Engine
 
+    # no progress bar: it reads the loss from the GPU at every step, which stalls the queue of work
     return Engine(default_root_dir=out / "runs", accelerator=device.type, devices=1, precision=precision,
-                  logger=False, **trainer)
+                  logger=False, enable_progress_bar=False, **trainer)
 
 
 def step_flops(options: dict[str, Any], device: torch.device, stage: int) -> float:

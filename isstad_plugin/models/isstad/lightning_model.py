@@ -27,7 +27,7 @@ from isstad_plugin.models.components.thresholds import DEFAULT_FALSE_ALARM_RATE 
 
 from .anomaly_map import ImageScore, MapCalibration, MapKind, calibrate_on_training_images
 from .corruption import PAPER_TRANSFORMS, Fill, MaskKind, SyntheticCorruption
-from .loss import Stage2Loss, check_finite, masked_patch_mse
+from .loss import FiniteLossGuard, Stage2Loss, masked_patch_mse
 from .optim import stage_optimizer
 from .options import NORMALIZATIONS, Normalization, ReconstructionTarget, check_options, stage1_augmentation
 from .stages import StagePlan, stage_callbacks
@@ -155,7 +155,7 @@ class Isstad(PluginModel, AnomalibModule):
         super().__init__(pre_processor=self.sized_pre_processor(pre_processor, image_size),
                          post_processor=post_processor, evaluator=evaluator, visualizer=visualizer)
         self.model = self.build_network()
-        self.loss = Stage2Loss(ce_class_weights, mse_weight, ssim_weight)
+        self.loss, self.finite_loss = Stage2Loss(ce_class_weights, mse_weight, ssim_weight), FiniteLossGuard()
         self.stage1_augmentation = stage1_augmentation(image_size) if stage1_augment else nn.Identity()
         self.corruption = SyntheticCorruption.with_preset_options(
             max_shapes, restrict_to_foreground, remove_dark, probability=corruption_probability,
@@ -236,7 +236,7 @@ class Isstad(PluginModel, AnomalibModule):
             loss, what = terms.total, "stage-2 loss (CE + MSE + SSIM)"
             self.log_dict({"train_ce": terms.cross_entropy, "train_mse": terms.mse, "train_ssim": terms.ssim},
                           on_step=False, on_epoch=True, batch_size=size)
-        check_finite(loss, what, self)
+        self.finite_loss.check(loss, what, self)
         self.log("train_loss", loss, on_step=True, on_epoch=True, prog_bar=True, batch_size=size)
         self.log("stage", float(self.stage), on_step=False, on_epoch=True, batch_size=size)
         return {"loss": loss}

@@ -133,13 +133,49 @@ class Stage2Loss(nn.Module):
         return Stage2LossTerms(total, cross_entropy, mse, similarity)
 
 
+def non_finite_loss(what: str, value: float, step: int, epoch: int, stage: int) -> FloatingPointError:
+    """The error that stops training on a NaN or infinite loss: what, where, and the likely causes."""
+    return FloatingPointError(
+        f"ISSTAD: the {what} is {value} at global step {step} (epoch {epoch}, stage {stage}). Likely causes: a "
+        "learning rate too high for this batch size (lower stage1_base_lr / stage2_lr), images with NaN/inf values, "
+        "or fp16 overflow (use bf16-mixed or 32-true precision)."
+    )
+
+
 def check_finite(loss: torch.Tensor, what: str, module: Any) -> None:  # noqa: ANN401
     """Stop training on a NaN or infinite ``loss``, naming it (``what``), the ``module``'s step and likely causes."""
     if not torch.isfinite(loss):
-        msg = (
-            f"ISSTAD: the {what} is {loss.item()} at global step {module.global_step} (epoch {module.current_epoch}, "
-            f"stage {module.stage}). Likely causes: a learning rate too high for this batch size (lower "
-            "stage1_base_lr / stage2_lr), images with NaN/inf values, or fp16 overflow (use bf16-mixed or 32-true "
-            "precision)."
-        )
-        raise FloatingPointError(msg)
+        raise non_finite_loss(what, loss.item(), module.global_step, module.current_epoch, module.stage)
+
+
+class FiniteLossGuard:
+    """:func:`check_finite` without a host-device synchronisation per step on an accelerator.
+
+    On the CPU every step is checked at once (it costs nothing). On a GPU, reading a loss value stalls the host until
+    the step finished, so the next step cannot be queued behind it; the guard instead keeps the first non-finite
+    step (and its loss) on the device and reads it every ``interval`` steps and on each epoch's last batch, then
+    stops training naming that step, as :func:`check_finite` does.
+    """
+
+    def __init__(self, interval: int = 50, deferred: bool | None = None) -> None:
+        self.interval = interval
+        self.deferred = deferred  # None: on accelerators only
+        self._first: torch.Tensor | None = None  # [step, loss, stage] of the first non-finite loss; step -1: none
+        self._what: dict[int, str] = {}
+
+    def check(self, loss: torch.Tensor, what: str, module: Any) -> None:  # noqa: ANN401
+        if not (self.deferred if self.deferred is not None else loss.device.type != "cpu"):
+            check_finite(loss, what, module)
+            return
+        value = loss.detach().float()
+        here = torch.stack([torch.full_like(value, module.global_step), value, torch.full_like(value, module.stage)])
+        if self._first is None or self._first.device != value.device:
+            self._first = torch.tensor([-1.0, 0.0, 0.0], device=value.device)
+        unseen = (~torch.isfinite(value)) & (self._first[0] < 0)
+        self._first = torch.where(unseen, here, self._first)
+        self._what[module.stage] = what
+        trainer = getattr(module, "_trainer", None)
+        if module.global_step % self.interval == 0 or getattr(trainer, "is_last_batch", True):
+            step, bad, stage = self._first.tolist()
+            if step >= 0:
+                raise non_finite_loss(self._what[int(stage)], bad, int(step), module.current_epoch, int(stage))

@@ -25,3 +25,27 @@ def test_ssim_equals_torchmetrics_in_value_and_gradient(shape: tuple[int, ...]) 
     theirs.backward()
     torch.testing.assert_close(ours_in.grad, theirs_in.grad, rtol=1e-5, atol=1e-9)
     assert ssim(target, target).item() == pytest.approx(1.0, abs=1e-6)
+
+
+def test_a_deferred_finite_check_names_the_first_bad_step_without_reading_every_loss() -> None:
+    """On a GPU the loss is not read every step (that stalls the host); the first non-finite step is kept on the
+    device and reported at the next read, every ``interval`` steps."""
+    from types import SimpleNamespace
+
+    from isstad_plugin.models.isstad.loss import FiniteLossGuard
+
+    guard = FiniteLossGuard(interval=3, deferred=True)
+    module = SimpleNamespace(global_step=0, current_epoch=0, stage=2, _trainer=SimpleNamespace(is_last_batch=False))
+    losses = [1.0, 0.9, float("nan"), float("inf"), 0.8]
+    for step, value in enumerate(losses[:-1]):
+        module.global_step = step + 1
+        if module.global_step % 3 == 0:
+            with pytest.raises(FloatingPointError, match=r"stage-2 loss is nan at global step 3 \(epoch 0, stage 2\)"):
+                guard.check(torch.tensor(value), "stage-2 loss", module)
+            break
+        guard.check(torch.tensor(value), "stage-2 loss", module)
+    else:
+        pytest.fail("the guard never read the loss")
+    clean = FiniteLossGuard(interval=3, deferred=True)
+    module.global_step, module._trainer.is_last_batch = 1, True  # the epoch's last batch is always read
+    clean.check(torch.tensor(0.5), "stage-2 loss", module)
