@@ -1,4 +1,4 @@
-"""``isstad-benchmark -c configs/benchmark/magnetic_tile.yaml``: run every (model, category) row, resumably.
+"""``isstad-benchmark -c configs/benchmark/three_categories.yaml``: run every (model, category) row, resumably.
 
 Finished rows are kept in ``<output_dir>/results.csv`` and skipped next time unless their configuration
 changed (each row stores a hash of everything that defines it). Each row runs in a child process whose
@@ -72,6 +72,16 @@ def row_key(row: dict, config: BenchmarkConfig) -> tuple[str, str, int]:
     return row["model"], row["category"], config.seed if seed is None or seed == "" else int(seed)  # seed 0 is a seed
 
 
+def contended(rows_by_key: dict, config: BenchmarkConfig, limit: float) -> list[tuple[str, str, int]]:
+    """``(run, category, config seed)`` of every (run, category) none of whose finished runs had other processes use at
+    most ``limit`` % of the machine (rows measured before the load was recorded count as contended)."""
+    loads: dict[tuple[str, str], list[float]] = {}
+    for (name, category, _), row in rows_by_key.items():
+        value = row.get("other_load_pct")
+        loads.setdefault((name, category), []).append(float(value) if value not in (None, "") else float("inf"))
+    return [(name, category, config.seed) for (name, category), values in loads.items() if min(values) > limit]
+
+
 def planned(config: BenchmarkConfig) -> list[tuple[RunSpec, str, int]]:
     """Every (run, category, seed) of the config: seed by seed (the config's ``seed`` first, whose runs the cost table
     shows), then run by run and category by category."""
@@ -137,6 +147,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--fresh", action="store_true", help="ignore and replace earlier results")
     parser.add_argument("--publish", type=Path, metavar="PAGE.md",
                         help="also write the page (and PAGE.png, PAGE.csv) here, keeping its hand-written part")
+    parser.add_argument("--quiet-rerun", type=float, metavar="PCT",
+                        help="re-run the config seed's row of every (model, category) none of whose runs had other "
+                             "processes use at most PCT %% of the machine, so each row has one quietly timed run")
     parser.add_argument("--summaries", type=Path, nargs="+", default=[], metavar="FILE.md",
                         help="with --publish: regenerate the benchmark-summary blocks of these files (README, model "
                              "cards) from the published CSV")
@@ -156,6 +169,9 @@ def main(argv: list[str] | None = None) -> int:
     kept = [] if args.fresh else read_rows(csv_path)
     command = shlex.join(["isstad-benchmark", *(argv if argv is not None else sys.argv[1:])])
     rows_by_key = {row_key(row, config): row for row in kept}
+    if args.quiet_rerun is not None:
+        for key in contended(rows_by_key, config, args.quiet_rerun):
+            rows_by_key.pop(key, None)
     failed: set[tuple[str, str, int]] = set()
     work = [(run, category, seed) for run, category, seed in planned(config) if run in runs]
 
@@ -191,7 +207,7 @@ def main(argv: list[str] | None = None) -> int:
 
     rows, missing = current_rows(rows_by_key, config, failed)
     text = markdown(rows, [*header_lines(config, command), "", "![metrics and training time](results.png)"],
-                    missing, cost_seed=config.seed)
+                    missing)
     (output_dir / "results.md").write_text(text)
     if rows:
         chart(rows, output_dir / "results.png")

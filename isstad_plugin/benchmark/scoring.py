@@ -82,9 +82,11 @@ def mask_path_table(loader: Iterable) -> dict[str, str]:
 
 def original_size_outputs(
     predict: Callable[[Tensor], object], transform: Callable[[Tensor], Tensor] | None, loader: Iterable,
+    with_maps: bool = True,
 ) -> OriginalSizeOutputs:
     """Run ``predict`` (a torch model returning ``pred_score [B]`` and ``anomaly_map [B, 1, h, w]``) on every batch
-    of ``loader`` after ``transform`` (the pre-processor's), and bring its maps to each image's original size."""
+    of ``loader`` after ``transform`` (the pre-processor's), and bring its maps to each image's original size
+    (``with_maps=False``: image scores and labels only)."""
     scores, labels, maps, masks = [], [], [], []
     missing_mask = False
     # from the dataset's table: a batch's collate drops ``mask_path`` altogether when its first image has none
@@ -98,6 +100,8 @@ def original_size_outputs(
             anomaly_map = output.anomaly_map.float().reshape(len(images), 1, *output.anomaly_map.shape[-2:])
             scores.append(output.pred_score.float().reshape(-1).cpu())
             labels.append(batch.gt_label.reshape(-1).int().cpu())
+            if not with_maps:
+                continue
             for index, image_path in enumerate(batch.image_path):
                 size = original_size(image_path)
                 mask = original_mask(mask_paths.get(str(image_path)), int(batch.gt_label[index]), size)
@@ -109,7 +113,7 @@ def original_size_outputs(
     if not scores:
         msg = "The split to score holds no image."
         raise input_error(msg)
-    return OriginalSizeOutputs(torch.cat(scores), torch.cat(labels), maps, [] if missing_mask else masks)
+    return OriginalSizeOutputs(torch.cat(scores), torch.cat(labels), maps, [] if missing_mask or not with_maps else masks)
 
 
 class OriginalSizeAUPRO(AUPRO):

@@ -82,7 +82,7 @@ class Cutpaste(PluginModel, AnomalibModule):
     """
 
     DEFAULT_IMAGE_SIZE = PAPER_SIZE
-    CPU_CONFIG = "configs/cutpaste_cpu.yaml (about 4 min on 2 cores) or configs/cutpaste_tiny.yaml"
+    CPU_CONFIG = "configs/cutpaste_cpu.yaml (minutes on 2 cores) or configs/cutpaste_tiny.yaml"
     NETWORK_OPTIONS = ("backbone", "head_layers")
     BUDGET_OPTIONS = ("max_epochs",)
 

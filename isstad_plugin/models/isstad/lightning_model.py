@@ -94,7 +94,7 @@ class Isstad(PluginModel, AnomalibModule):
     """
 
     CHECKPOINT_MARKER = ("model.patch_embed.", "use --model.weights for MAE/ISSTAD weight files")
-    CPU_CONFIG = "configs/isstad_cpu.yaml (about 6 min on 2 cores) or configs/isstad_tiny.yaml"
+    CPU_CONFIG = "configs/isstad_cpu.yaml (minutes on 2 cores) or configs/isstad_tiny.yaml"
     QUANTIZE_AS_TRANSFORMER = True
     NETWORK_OPTIONS = ("backbone", "image_size", "patch_size", "decoder_embed_dim", "decoder_depth",
                        "decoder_num_heads")
