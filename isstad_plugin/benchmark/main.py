@@ -147,6 +147,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--fresh", action="store_true", help="ignore and replace earlier results")
     parser.add_argument("--publish", type=Path, metavar="PAGE.md",
                         help="also write the page (and PAGE.png, PAGE.csv) here, keeping its hand-written part")
+    parser.add_argument("--report-only", action="store_true",
+                        help="run nothing: write the pages from the rows finished so far (e.g. while a run goes on)")
     parser.add_argument("--quiet-rerun", type=float, metavar="PCT",
                         help="re-run the config seed's row of every (model, category) none of whose runs had other "
                              "processes use at most PCT %% of the machine, so each row has one quietly timed run")
@@ -167,13 +169,14 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     csv_path = output_dir / "results.csv"
     kept = [] if args.fresh else read_rows(csv_path)
-    command = shlex.join(["isstad-benchmark", *(argv if argv is not None else sys.argv[1:])])
+    shown = [arg for arg in (argv if argv is not None else sys.argv[1:]) if arg != "--report-only"]
+    command = shlex.join(["isstad-benchmark", *shown])  # the command that runs (and resumes) the benchmark
     rows_by_key = {row_key(row, config): row for row in kept}
     if args.quiet_rerun is not None:
         for key in contended(rows_by_key, config, args.quiet_rerun):
             rows_by_key.pop(key, None)
     failed: set[tuple[str, str, int]] = set()
-    work = [(run, category, seed) for run, category, seed in planned(config) if run in runs]
+    work = [] if args.report_only else [(run, category, seed) for run, category, seed in planned(config) if run in runs]
 
     columns = (SpinnerColumn(), TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
                TimeElapsedColumn(), TextColumn("[dim]{task.fields[status]}"))

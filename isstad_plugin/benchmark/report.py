@@ -147,7 +147,7 @@ def summary_table(rows: Sequence[dict[str, object]], models: Sequence[str] | Non
         model_rows = [row for row in merged if row["model"] == model]
         means = [row for row in category_means(rows, categories) if row["model"] == model]
         for row in [*(means if len(categories) > 1 else []), *model_rows]:
-            label = f"**{row['category']}**" if row["category"] == MEAN_LABEL else row["category"]
+            label = f"**mean of {len(categories)}**" if row["category"] == MEAN_LABEL else row["category"]
             table_rows.append([model, label, *(metric_cell(row, c, several) for c in HEADLINE),
                                *costs(model, str(row["category"]))])
     return markdown_table(["model", "category", *HEADLINE, *SUMMARY_COSTS.values()], table_rows)
