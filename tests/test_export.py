@@ -199,19 +199,24 @@ def test_file_inputs_of_the_same_name_keep_their_folders(tmp_path: Path) -> None
     assert names == {files[0]: Path("blowhole/000.png"), files[1]: Path("crack/000.png"), files[2]: Path("001.png")}
 
 
-def test_calibrated_hybrid_scoring_exports_to_onnx(tile_root: Path, tmp_path: Path) -> None:
-    """The CPU recipe's scoring (calibrated product score map, error anomaly map) survives export, buffers included."""
+@pytest.mark.parametrize("scoring", [{"image_score": "max"}, {"image_score": "features", "feature_memory_size": 32}],
+                         ids=["calibrated_max", "encoder_features"])
+def test_calibrated_hybrid_scoring_exports_to_onnx(scoring: dict, tile_root: Path, tmp_path: Path) -> None:
+    """The CPU recipe's scoring (calibrated product score map, error anomaly map) survives export, buffers included;
+    so does the image score from the encoder's tokens (its memory bank, filled by the fit's validation)."""
     import onnxruntime as ort
 
     torch.manual_seed(0)
     model = Isstad(backbone="vit_tiny", image_size=64, decoder_embed_dim=64, decoder_depth=2, decoder_num_heads=4,
-                   stage1_epochs=0, stage2_epochs=1, anomaly_map_kind="error", image_score="max",
-                   image_score_map="product", map_calibration="per_pixel")
+                   stage1_epochs=0, stage2_epochs=1, anomaly_map_kind="error", image_score_map="product",
+                   map_calibration="per_pixel", **scoring)
     datamodule = MVTecAD(root=tile_root, category="magnetic_tile", train_batch_size=8, eval_batch_size=8,
                          num_workers=0)
     engine = Engine(default_root_dir=tmp_path, accelerator="cpu", devices=1, logger=False, enable_progress_bar=False)
     engine.fit(model=model, datamodule=datamodule)
     assert model.model.anomaly_map_generator.normal_mean.abs().sum() > 0  # calibrated by the fit's validation
+    if scoring["image_score"] == "features":
+        assert bool(model.model.feature_memory.fitted) and model.model.feature_memory.bank.abs().sum() > 0
     onnx_path = engine.export(model=model, export_type=ExportType.ONNX, export_root=tmp_path)
     files = sorted((tile_root / "magnetic_tile" / "test").rglob("*.png"))
     images = np.concatenate([prepare(read_rgb(f), (64, 64)) for f in files])

@@ -18,10 +18,10 @@ logger = logging.getLogger(__name__)
 
 
 MapKind = Literal["product", "probability", "error"]
-ImageScore = Literal["paper", "max", "top_k"]
+ImageScore = Literal["paper", "max", "top_k", "extended", "features"]
 MapCalibration = Literal["none", "per_pixel"]
 MAP_KINDS = ("product", "probability", "error")
-IMAGE_SCORES = ("paper", "max", "top_k")
+IMAGE_SCORES = ("paper", "max", "top_k", "extended", "features")
 MAP_CALIBRATIONS = ("none", "per_pixel")
 
 
@@ -36,7 +36,10 @@ class AnomalyMapGenerator(nn.Module):
     per pixel by the mean and std of the score maps of normal training images (:meth:`calibrate`), so places where
     normal images always score high (borders, edges of an aligned object) stop outranking defects. When the score
     map is the anomaly map, the anomaly map returned is the calibrated one. The calibration is kept as buffers
-    (checkpoint, export).
+    (checkpoint, export). ``extended`` is the authors' later image score (their ISSTAD_Extended code):
+    ``(1 + topmean(G(p)))^a * (1 + topmean(G(r)))^b``, the means over the top ``top_fraction`` pixels, ``(a, b)`` =
+    ``powers``. ``features`` scores images by the encoder's tokens instead (:mod:`.feature_memory`, set by the
+    network); the score returned here is then the score map's maximum, which the network replaces.
 
     Args:
         sigma: Gaussian sigma in pixels (4 in the method).
@@ -46,13 +49,14 @@ class AnomalyMapGenerator(nn.Module):
         calibration: ``none`` (the method) or ``per_pixel`` (see above; needs ``image_size``).
         image_size: ``(H, W)`` of the maps, for the calibration buffers.
         score_map_kind: Kind of the score map; ``None``: the anomaly map's kind.
+        powers: ``(a, b)`` of the ``extended`` score.
         eps: Guards the min-max division for a constant error map.
     """
 
     def __init__(self, sigma: float = 4.0, map_kind: MapKind = "product", image_score: ImageScore = "paper",
                  top_fraction: float = 0.01, calibration: MapCalibration = "none",
                  image_size: tuple[int, int] | None = None, score_map_kind: MapKind | None = None,
-                 eps: float = 1e-8) -> None:
+                 powers: tuple[float, float] = (1.0, 1.0), eps: float = 1e-8) -> None:
         super().__init__()
         for name, value, allowed in (("anomaly_map_kind", map_kind, MAP_KINDS),
                                      ("image_score_map", score_map_kind or map_kind, MAP_KINDS),
@@ -77,6 +81,7 @@ class AnomalyMapGenerator(nn.Module):
         self.image_score = image_score
         self.top_fraction = top_fraction
         self.calibration = calibration
+        self.powers = tuple(float(power) for power in powers)
         self.eps = eps
 
     @staticmethod
@@ -109,11 +114,19 @@ class AnomalyMapGenerator(nn.Module):
         anomaly_map = score_map if same else self._map(self.map_kind, probability, error)
         if self.image_score == "paper":
             pred_score = self.blur(self.blur(probability) * self.blur(error)).mean(dim=(-2, -1))
-        else:
-            flat = score_map.flatten(1)
-            k = 1 if self.image_score == "max" else max(1, round(self.top_fraction * flat.shape[1]))
-            pred_score = flat.topk(k, dim=1).values.mean(dim=1)
+        elif self.image_score == "extended":
+            top_p, top_r = self._top_mean(self.blur(probability)), self._top_mean(self.blur(error))
+            pred_score = (1 + top_p).pow(self.powers[0]) * (1 + top_r).pow(self.powers[1])
+        elif self.image_score == "top_k":
+            pred_score = self._top_mean(score_map)
+        else:  # max (and features, whose score the network sets)
+            pred_score = score_map.flatten(1).amax(dim=1)
         return anomaly_map.unsqueeze(1), pred_score
+
+    def _top_mean(self, maps: torch.Tensor) -> torch.Tensor:
+        """``[B, H, W]`` -> ``[B]``: the mean of each map's top ``top_fraction`` pixels (at least one)."""
+        flat = maps.flatten(1)
+        return flat.topk(max(1, round(self.top_fraction * flat.shape[1])), dim=1).values.mean(dim=1)
 
     def _map(self, kind: str, probability: torch.Tensor, error: torch.Tensor) -> torch.Tensor:
         """``[B, H, W]`` map of ``kind`` from ``p`` and ``r`` (``[B, H, W]`` each)."""
@@ -149,18 +162,27 @@ class AnomalyMapGenerator(nn.Module):
 
 def calibrate_on_training_images(network: nn.Module, pre_processor: nn.Module, datamodule: object,
                                  device: torch.device) -> None:
-    """With ``map_calibration``, calibrate ``network``'s score maps on the datamodule's training images (normal by
-    definition): their per-pixel mean and std (``IsstadModel.raw_score_maps`` of every pre-processed training
-    image). Without training images the calibration stays as it was (from the checkpoint, else none), with a
-    warning. Nothing to do without calibration."""
-    generator = network.anomaly_map_generator
-    if generator.calibration == "none":
+    """What the scoring learns from the datamodule's training images (normal by definition), in one pass: with
+    ``map_calibration``, the score maps' per-pixel mean and std; with the ``features`` image score, the memory bank
+    of the encoder's patch tokens (:mod:`.feature_memory`). Without training images both stay as they were (from
+    the checkpoint, else none), with a warning. Nothing to do when the scoring learns neither."""
+    generator, memory = network.anomaly_map_generator, network.feature_memory
+    if generator.calibration == "none" and memory is None:
         return
     if datamodule is None or getattr(datamodule, "train_data", None) is None:
-        logger.warning("ISSTAD: map_calibration=%r needs the datamodule's training images; none here, so the "
-                       "calibration stays as it was (from the checkpoint, else none).", generator.calibration)
+        logger.warning("ISSTAD: map_calibration=%r / image_score=%r need the datamodule's training images; none "
+                       "here, so they stay as they were (from the checkpoint, else none).", generator.calibration,
+                       generator.image_score)
         return
+    maps, tokens = [], []
     with torch.no_grad():
-        maps = [network.raw_score_maps(pre_processor.transform(batch.image.to(device)))
-                for batch in datamodule.train_dataloader()]
-    generator.calibrate(torch.cat(maps))
+        for batch in datamodule.train_dataloader():
+            output = network.pixel_outputs(pre_processor.transform(batch.image.to(device)))
+            if generator.calibration != "none":
+                maps.append(generator.raw_score_map(output.reconstruction, output.image, output.block_logits))
+            if memory is not None:
+                tokens.append(output.latent[:, 1:].flatten(0, 1).float())
+    if maps:
+        generator.calibrate(torch.cat(maps))
+    if tokens:
+        memory.fit(torch.cat(tokens))

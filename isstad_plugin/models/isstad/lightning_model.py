@@ -1,9 +1,8 @@
 """ISSTAD as an anomalib model: two training stages in one run, fused pixel scoring at test time.
 
 Stage 1 (MAE on normal images) and stage 2 (frozen encoder; decoder and per-block pixel-status heads trained on
-synthetically corrupted images) run back to back in one ``fit``; :mod:`.stages` owns the switch.
-
-Example: ``Engine().train(model=Isstad(backbone="vit_tiny", image_size=128), datamodule=MVTecAD(...))``.
+synthetically corrupted images) run back to back in one ``fit``; :mod:`.stages` owns the switch. Example:
+``Engine().train(model=Isstad(backbone="vit_tiny", image_size=128), datamodule=MVTecAD(...))``.
 """
 
 from __future__ import annotations
@@ -31,7 +30,7 @@ from .loss import FiniteLossGuard, Stage2Loss, masked_patch_mse
 from .optim import stage_optimizer
 from .options import NORMALIZATIONS, Normalization, ReconstructionTarget, check_options, stage1_augmentation
 from .stages import StagePlan, stage_callbacks
-from .torch_model import IsstadModel
+from .torch_model import NETWORK_ARGUMENTS, IsstadModel
 from .weights import DeferredWeights
 
 logger = logging.getLogger(__name__)
@@ -77,9 +76,11 @@ class Isstad(PluginModel, AnomalibModule):
         reconstruction_target: ``input`` (the corrupted network input, upstream) or ``clean`` (the repaired image).
         score_sigma: Gaussian sigma (pixels) of the fused scoring.
         anomaly_map_kind: ``product`` (the paper: ``G(p * minmax(r))``), ``probability`` or ``error`` (``G(r)``).
-        image_score: ``paper`` (mean of ``G(G(p) * G(r))``), ``max`` or ``top_k`` of the score map.
-        image_score_top_fraction: Fraction of the score map averaged by ``top_k``.
+        image_score: ``paper`` (mean ``G(G(p) * G(r))``), ``max``, ``top_k``, ``extended`` (authors') or ``features``.
+        image_score_top_fraction: Fraction of the score map averaged by ``top_k`` (and by ``extended``).
         image_score_map: Map kind that ``max``/``top_k`` score; ``None``: the anomaly map.
+        image_score_powers: ``(a, b)``: ``extended`` is ``(1 + topmean G(p))^a * (1 + topmean G(r))^b``.
+        feature_memory_size: Training patch tokens kept to score ``features`` (encoder tokens' distance to them).
         map_calibration: ``none`` (the paper) or ``per_pixel`` (standardised by the training images' maps).
         weights: A local MAE/ISSTAD/timm/Lightning file, ``timm:<tag>`` or ``timm:<tag>@<file>`` (:mod:`.weights`).
         normalization: Input scaling the weights expect: ``imagenet`` or ``symmetric`` ([-1, 1], ``net_ad.pth``).
@@ -139,6 +140,8 @@ class Isstad(PluginModel, AnomalibModule):
         image_score: ImageScore = "paper",
         image_score_top_fraction: float = 0.01,
         image_score_map: MapKind | None = None,
+        image_score_powers: tuple[float, float] = (1.0, 1.0),
+        feature_memory_size: int = 1024,
         map_calibration: MapCalibration = "none",
         weights: str | None = None,
         normalization: Normalization = "imagenet",
@@ -165,21 +168,17 @@ class Isstad(PluginModel, AnomalibModule):
         self.enter_stage(self.stage_plan.stage_at(0))
 
     def build_network(self) -> IsstadModel:
-        """The torch model of the options in ``hparams``."""
+        """The torch model of the options in ``hparams`` (those of :data:`.torch_model.NETWORK_ARGUMENTS` by name)."""
         hp = self.hparams
-        return IsstadModel(
-            backbone=hp.backbone, image_size=(hp.image_size,) * 2, patch_size=hp.patch_size,
-            decoder_embed_dim=hp.decoder_embed_dim, decoder_depth=hp.decoder_depth, score_sigma=hp.score_sigma,
-            decoder_num_heads=hp.decoder_num_heads, anomaly_map_kind=hp.anomaly_map_kind, image_score=hp.image_score,
-            image_score_top_fraction=hp.image_score_top_fraction, map_calibration=hp.map_calibration,
-            image_score_map=hp.image_score_map, **NORMALIZATIONS[hp.normalization])
+        return IsstadModel(image_size=(hp.image_size,) * 2, image_score_powers=tuple(hp.image_score_powers),
+                           **{name: hp[name] for name in NETWORK_ARGUMENTS}, **NORMALIZATIONS[hp.normalization])
 
     def to_onnx(self, export_root: Path | str, model_file_name: str = "model",
                 input_size: tuple[int, int] | None = None, **kwargs) -> Path:
-        """Export at the training size unless given (the position embeddings are built for it), dynamic batch."""
+        """Export at the training size unless given (the position embeddings are built for it), dynamic batch, opset
+        18 unless given (the dynamo exporter's own: no lossy down-conversion step)."""
         size = tuple(input_size) if input_size is not None else (self.hparams.image_size,) * 2
-        kwargs.setdefault("opset_version", 18)  # the dynamo exporter's own opset: no lossy down-conversion step
-        return super().to_onnx(export_root, model_file_name, size, **kwargs)
+        return super().to_onnx(export_root, model_file_name, size, **{"opset_version": 18, **kwargs})
 
     def configure_callbacks(self) -> Sequence[Callback]:
         """anomalib's callbacks and the stage machine's (:func:`.stages.stage_callbacks`)."""
@@ -242,7 +241,7 @@ class Isstad(PluginModel, AnomalibModule):
         return {"loss": loss}
 
     def on_validation_epoch_start(self) -> None:
-        """With ``map_calibration``, calibrate the maps on the training images before scoring the validation set."""
+        """What the scoring learns from the training images (map calibration, feature memory), before validating."""
         calibrate_on_training_images(self.model, self.pre_processor, self.trainer.datamodule, self.device)
 
     def validation_step(self, batch: Batch, *_args, **_kwargs) -> STEP_OUTPUT:

@@ -28,7 +28,12 @@ from torch import nn
 from isstad_plugin.errors import input_error
 
 from .anomaly_map import AnomalyMapGenerator, ImageScore, MapCalibration, MapKind
+from .feature_memory import PatchFeatureMemory
 
+# Isstad's options that IsstadModel takes under the same name (image_size and the normalisation are translated)
+NETWORK_ARGUMENTS = ("backbone", "patch_size", "decoder_embed_dim", "decoder_depth", "decoder_num_heads", "score_sigma",
+                     "anomaly_map_kind", "image_score", "image_score_top_fraction", "map_calibration", "image_score_map",
+                     "feature_memory_size")
 IMAGENET_MEAN: tuple[float, float, float] = tuple(IMAGENET_DEFAULT_MEAN)
 IMAGENET_STD: tuple[float, float, float] = tuple(IMAGENET_DEFAULT_STD)
 
@@ -89,11 +94,13 @@ class MaskedReconstruction(NamedTuple):
 
 
 class PixelOutput(NamedTuple):
-    """Full-token output: input and reconstruction ``[B, 3, H, W]`` (normalised), logits ``[D, B, 2, H, W]``."""
+    """Full-token output: input and reconstruction ``[B, 3, H, W]`` (normalised), logits ``[D, B, 2, H, W]``, and
+    the encoder's tokens ``[B, 1 + L, E]`` (cls first)."""
 
     image: torch.Tensor
     reconstruction: torch.Tensor
     block_logits: torch.Tensor
+    latent: torch.Tensor
 
 
 class IsstadModel(nn.Module):
@@ -115,6 +122,8 @@ class IsstadModel(nn.Module):
         image_score_top_fraction: Fraction of the map's pixels averaged by ``image_score="top_k"``.
         map_calibration: ``none`` or ``per_pixel`` (see :class:`.anomaly_map.AnomalyMapGenerator`).
         image_score_map: Kind of map the image score is taken from; ``None``: the anomaly map.
+        image_score_powers: ``(a, b)`` of ``image_score="extended"``.
+        feature_memory_size: Training patch tokens kept for ``image_score="features"`` (:mod:`.feature_memory`).
     """
 
     def __init__(
@@ -134,6 +143,8 @@ class IsstadModel(nn.Module):
         image_score_top_fraction: float = 0.01,
         map_calibration: MapCalibration = "none",
         image_score_map: MapKind | None = None,
+        image_score_powers: tuple[float, float] = (1.0, 1.0),
+        feature_memory_size: int = 1024,
     ) -> None:
         super().__init__()
         if backbone not in VIT_VARIANTS:
@@ -184,7 +195,10 @@ class IsstadModel(nn.Module):
             raise ValueError(msg)
         self.anomaly_map_generator = AnomalyMapGenerator(score_sigma, anomaly_map_kind, image_score,
                                                          image_score_top_fraction, map_calibration, (height, width),
-                                                         image_score_map)
+                                                         image_score_map, image_score_powers)
+        # the encoder's own image score (only with image_score="features": other checkpoints keep their keys)
+        self.feature_memory = (PatchFeatureMemory(feature_memory_size, variant.embed_dim)
+                               if image_score == "features" else None)
         self.trainable_encoder_blocks = variant.depth  # blocks (from the last) that run with autograd
         self.initialize_weights()
 
@@ -360,7 +374,7 @@ class IsstadModel(nn.Module):
         normalized = self.normalize(images)
         latent, _, _ = self.forward_encoder(normalized)
         pixels, logits = self.forward_decoder(latent)
-        return PixelOutput(normalized, self.unpatchify(pixels, 3), self.unpatchify(logits, 2))
+        return PixelOutput(normalized, self.unpatchify(pixels, 3), self.unpatchify(logits, 2), latent)
 
     def forward(
         self,
@@ -380,6 +394,8 @@ class IsstadModel(nn.Module):
             return self.masked_reconstruction(images, mask_ratio) if mask_ratio > 0 else self.pixel_outputs(images)
         output = self.pixel_outputs(images)
         anomaly_map, pred_score = self.anomaly_map_generator(output.reconstruction, output.image, output.block_logits)
+        if self.feature_memory is not None:
+            pred_score = self.feature_memory(output.latent[:, 1:])
         return InferenceBatch(pred_score=pred_score, anomaly_map=anomaly_map)
 
     @torch.no_grad()

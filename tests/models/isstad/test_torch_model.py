@@ -234,3 +234,42 @@ def test_stage2_cross_entropy_uses_class_weights() -> None:
     nll_right, nll_wrong = np.log1p(np.exp(-1.0)), np.log1p(np.exp(1.0))
     expected = (3 * nll_wrong + 1 * nll_right) / (3 + 1)  # equal pixel counts per class
     assert terms.cross_entropy.item() == pytest.approx(expected, rel=1e-5)
+
+
+def test_extended_image_score_is_the_authors_formula() -> None:
+    """``extended``: (1 + mean of the top fraction of G(p))^a * (1 + mean of the top fraction of G(r))^b."""
+    from isstad_plugin.models.isstad.anomaly_map import AnomalyMapGenerator
+
+    generator = AnomalyMapGenerator(sigma=1.0, map_kind="error", image_score="extended", top_fraction=0.1,
+                                    powers=(2.0, 0.5))
+    generator_max = AnomalyMapGenerator(sigma=1.0, map_kind="error", image_score="max")
+    torch.manual_seed(0)
+    image, reconstruction = torch.rand(2, 3, 20, 20), torch.rand(2, 3, 20, 20)
+    logits = torch.randn(3, 2, 2, 20, 20)
+    _, score = generator(reconstruction, image, logits)
+    probability = generator.blur(logits.softmax(dim=2)[:, :, 1].mean(dim=0)).flatten(1)
+    error = generator.blur((reconstruction - image).pow(2).mean(dim=1)).flatten(1)
+    top_p, top_r = (x.sort(dim=1, descending=True).values[:, :40].mean(dim=1) for x in (probability, error))
+    torch.testing.assert_close(score, (1 + top_p) ** 2 * (1 + top_r) ** 0.5)
+    _, maximum = generator_max(reconstruction, image, logits)
+    torch.testing.assert_close(maximum, error.amax(dim=1))
+
+
+def test_feature_score_is_the_largest_distance_of_a_patch_token_to_the_training_tokens() -> None:
+    from isstad_plugin.models.isstad.feature_memory import PatchFeatureMemory
+
+    torch.manual_seed(0)
+    normal = torch.randn(400, 8)
+    memory = PatchFeatureMemory(size=50, dim=8)
+    memory.fit(normal)
+    assert bool(memory.fitted) and memory.bank.shape == (50, 8)
+    assert all(any(torch.equal(row, token) for token in normal) for row in memory.bank)  # a subset of the tokens
+    tokens = torch.randn(2, 5, 8)
+    tokens[1, 3] += 10  # one far token in the second image
+    expected = torch.cdist(tokens.flatten(0, 1), memory.bank).amin(dim=1).reshape(2, 5).amax(dim=1)
+    torch.testing.assert_close(memory(tokens), expected, rtol=1e-4, atol=1e-4)
+    assert memory(tokens)[1] > memory(tokens)[0] + 5
+    few = PatchFeatureMemory(size=50, dim=8)
+    few.fit(normal[:7])  # fewer tokens than the bank: all of them, repeated (the nearest distances are the same)
+    torch.testing.assert_close(few(tokens), torch.cdist(tokens.flatten(0, 1), normal[:7]).amin(1).reshape(2, 5)
+                               .amax(1), rtol=1e-4, atol=1e-4)
