@@ -12,7 +12,9 @@ What is added to a command, and why (nothing else is changed):
   worker processes, one epoch per stage (no image cache: two batches read only eight images), 64 px images (for
   CutPaste with 32 px patches and the map smoothing at sigma 4, which fit that size) and, for ISSTAD, a ViT-tiny
   encoder in place of the paper's ViT-B/L (a CPU would train those for hours);
-  a command whose weights name a timm tag keeps its backbone, since the tag fixes the architecture;
+  a command whose weights name a timm tag keeps its backbone, since the tag fixes the architecture, and trains
+  stage 2 alone with a small decoder (the weights load and train as well; ViT-B's stage-1 optimiser state would
+  write gigabytes of checkpoints);
 - ``--model.pretrained false`` where the backbone's ImageNet weights would be downloaded (no internet here).
 
 Commands not run here:
@@ -68,6 +70,10 @@ ISSTAD_BUDGET = ["--model.image_size", "64", "--model.stage1_epochs", "1", "--mo
 CUTPASTE_BUDGET = ["--model.image_size", "64", "--model.patch_size", "32", "--model.patch_stride", "16",
                    "--model.score_sigma", "4", "--trainer.max_epochs", "1"]
 TIMM_TAG = "vit_base_patch16_224.mae"
+# A timm tag fixes the encoder (ViT-B): its weights are proven to load and train through stage 2 alone with a small
+# decoder, without writing ViT-B's stage-1 optimiser state (gigabytes of checkpoints for the same proof).
+TIMM_TAG_BUDGET = ["--model.stage1_epochs", "0", "--model.decoder_embed_dim", "64", "--model.decoder_depth", "1",
+                   "--model.decoder_num_heads", "4"]
 
 
 def shell_commands(document: Path) -> list[str]:
@@ -109,7 +115,7 @@ def with_budget(command: str) -> str:
         extra += DATA_BUDGET
     if words[1] in {"train", "fit"}:
         if model_of(words) == "isstad":
-            extra += ISSTAD_BUDGET + ([] if "timm:" in command else ["--model.backbone", "vit_tiny"])
+            extra += ISSTAD_BUDGET + (TIMM_TAG_BUDGET if "timm:" in command else ["--model.backbone", "vit_tiny"])
         else:
             extra += CUTPASTE_BUDGET + (["--model.pretrained", "false"] if "cutpaste.yaml" in command else [])
     return f"{command} {shlex.join(extra)}"

@@ -33,6 +33,7 @@ import logging
 from pathlib import Path
 from typing import Any
 
+import torch
 from anomalib import LearningType
 from anomalib.metrics import Evaluator
 from anomalib.pre_processing import PreProcessor
@@ -174,6 +175,18 @@ class PluginModel(SafeFilesMixin):
         """The network is ready."""
         self.require_network()
 
+    def on_validation_batch_end(self, outputs: Any, *_args: Any) -> None:  # noqa: ANN401
+        """Scores that are NaN or infinite fail here, naming the images (see :func:`refuse_non_finite`)."""
+        refuse_non_finite(outputs, type(self).__name__, "validation")
+
+    def on_test_batch_end(self, outputs: Any, *_args: Any) -> None:  # noqa: ANN401
+        """Scores that are NaN or infinite fail here, naming the images (see :func:`refuse_non_finite`)."""
+        refuse_non_finite(outputs, type(self).__name__, "test")
+
+    def on_predict_batch_end(self, outputs: Any, *_args: Any) -> None:  # noqa: ANN401
+        """Scores that are NaN or infinite fail here, naming the images (see :func:`refuse_non_finite`)."""
+        refuse_non_finite(outputs, type(self).__name__, "predict")
+
     def on_test_start(self) -> None:
         """The network is ready; the test files are usable."""
         self.require_network()
@@ -257,6 +270,27 @@ class PluginModel(SafeFilesMixin):
 
 
 COMPONENTS = {"pre_processor", "post_processor", "evaluator", "visualizer"}  # never hyper-parameters
+
+
+def refuse_non_finite(outputs: Any, model: str, run: str) -> None:  # noqa: ANN401
+    """Fail when a batch's image scores or anomaly maps hold NaN or infinite values, naming the images.
+
+    A NaN score sorts anywhere, so AUROC, thresholds and labels built on it mean nothing, and a NaN map turns into
+    garbage pixels when drawn (NumPy's "invalid value encountered in cast"): nothing downstream may see one.
+    """
+    for field in ("pred_score", "anomaly_map"):
+        values = getattr(outputs, field, None)
+        if values is None or bool(torch.isfinite(values).all()):
+            continue
+        bad = ~torch.isfinite(values.reshape(len(values), -1)).all(dim=1)
+        paths = [str(path) for path, flag in zip(getattr(outputs, "image_path", None) or [], bad.tolist(),
+                                                  strict=False) if flag]
+        where = ", ".join(paths[:5]) + (f" and {len(paths) - 5} more" if len(paths) > 5 else "") if paths else (
+            f"{int(bad.sum())} image(s) of the batch")
+        msg = (f"{model}: the {field} of {where} holds NaN or infinite values ({run}). The network or its fitted "
+               "statistics are broken (a NaN weight, a degenerate fit, images with NaN values): retrain, or check "
+               "the images named.")
+        raise FloatingPointError(msg)
 
 
 def _plain(value: Any) -> Any:  # noqa: ANN401

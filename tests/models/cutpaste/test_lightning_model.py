@@ -92,3 +92,65 @@ def test_an_explicit_shorter_trainer_budget_is_kept(tile_root: Path, tmp_path: P
     assert engine.trainer.lr_scheduler_configs[0].scheduler.T_max == 2  # the schedule spans the 1 epoch run
     assert len(recorder.lrs) == 2
     assert bool(model.model.image_density.fitted)
+
+
+def dummy_category(root: Path) -> Path:
+    """anomalib's integration-test data set in miniature: each good image one flat random colour (so CutPaste's
+    patches of it are all alike), defective ones a faint Perlin blotch on such a colour, with masks."""
+    import numpy as np
+    from anomalib.data.utils.generators.perlin import PerlinAnomalyGenerator
+    from PIL import Image
+
+    rng, perlin = np.random.default_rng(0), PerlinAnomalyGenerator()
+    category = root / "dummy"
+
+    def flat() -> np.ndarray:
+        return np.broadcast_to(rng.integers(0, 255, 3).astype(np.uint8), (64, 64, 3)).copy()
+
+    for split, count in (("train/good", 6), ("test/good", 4), ("test/bad", 4)):
+        (category / split).mkdir(parents=True)
+        for index in range(count):
+            image = flat()
+            if split == "test/bad":
+                perturbation, mask = perlin.generate_perturbation(height=64, width=64)
+                mask = mask.numpy()
+                image = (image * (1 - mask) + 0.2 * perturbation.numpy() * 255 + 0.8 * image * mask).astype(np.uint8)
+                (category / "ground_truth/bad").mkdir(parents=True, exist_ok=True)
+                Image.fromarray((mask.squeeze() * 255).astype(np.uint8)).save(
+                    category / "ground_truth/bad" / f"{index:03d}_mask.png")
+            Image.fromarray(image).save(category / split / f"{index:03d}.png")
+    return root
+
+
+@pytest.mark.filterwarnings("error::RuntimeWarning")  # NumPy's "invalid value encountered in cast": a NaN drawn
+def test_an_untrained_backbone_on_flat_colour_images_scores_and_draws_no_nan(tmp_path: Path) -> None:
+    seed_everything(0)
+    root = dummy_category(tmp_path / "data")
+    data = MVTecAD(root=root, category="dummy", train_batch_size=2, eval_batch_size=4, num_workers=0)
+    model = Cutpaste(**{**TINY, "patch_size": 32, "patch_stride": 16})
+    engine = Engine(default_root_dir=tmp_path / "out", accelerator="cpu", devices=1, max_epochs=1, logger=False,
+                    enable_progress_bar=False)
+    engine.fit(model=model, datamodule=data)
+    engine.test(model=model, datamodule=data)  # draws every test image's map
+    predictions = engine.predict(model=model, datamodule=data)
+    for batch in predictions:
+        assert torch.isfinite(batch.anomaly_map).all() and torch.isfinite(batch.pred_score).all()
+
+
+def test_a_nan_score_or_map_fails_naming_the_images() -> None:
+    from anomalib.data import InferenceBatch
+
+    from isstad_plugin.models.components.base import refuse_non_finite
+
+    class Outputs:
+        pred_score = torch.tensor([0.1, 0.2])
+        anomaly_map = torch.zeros(2, 1, 4, 4)
+        image_path = ["a.png", "b.png"]
+
+    refuse_non_finite(Outputs(), "Cutpaste", "test")  # finite: nothing happens
+    Outputs.anomaly_map = Outputs.anomaly_map.clone()
+    Outputs.anomaly_map[1, 0, 2, 2] = float("nan")
+    with pytest.raises(FloatingPointError, match=r"Cutpaste: the anomaly_map of b\.png holds NaN .*\(test\)"):
+        refuse_non_finite(Outputs(), "Cutpaste", "test")
+    with pytest.raises(FloatingPointError, match=r"pred_score of 1 image\(s\) of the batch"):
+        refuse_non_finite(InferenceBatch(pred_score=torch.tensor([float("inf")]), anomaly_map=None), "Isstad", "predict")
