@@ -10,14 +10,15 @@ mkdir -p "$OUT"
 exec > >(tee "$OUT/log.txt") 2>&1
 export PYTHONUNBUFFERED=1
 PYTHON=${PYTHON:-python3}
+WHEELS=${WHEELS:-.whl}  # the carried wheels (CPython 3.12, the GPU machine's); the CPU test sets none
 
 echo "== machine"
 nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.max.sm --format=csv 2>/dev/null || echo "no nvidia-smi"
 "$PYTHON" --version
-if [ -d .whl ] && [ -n "$(ls .whl/*.whl 2>/dev/null)" ]; then
-    echo "== installing $(ls .whl/*.whl | wc -l) carried wheels"
+if [ -d "$WHEELS" ] && [ -n "$(ls "$WHEELS"/*.whl 2>/dev/null)" ]; then
+    echo "== installing $(ls "$WHEELS"/*.whl | wc -l) carried wheels"
     "$PYTHON" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site \
-        .whl/*.whl || { echo "wheel install failed"; exit 1; }
+        "$WHEELS"/*.whl || { echo "wheel install failed"; exit 1; }
     export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH}
 fi
 export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}  # the plugin from the working tree (its start-up hook: see device_run)
