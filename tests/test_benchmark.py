@@ -36,7 +36,7 @@ def finished(tile_root: Path, tmp_path_factory: pytest.TempPathFactory) -> dict:
 def test_every_column_of_every_row_is_filled(finished: dict) -> None:
     with (finished["out"] / "results.csv").open() as handle:
         rows = list(csv.DictReader(handle))
-    assert [row["model"] for row in rows] == ["isstad", "patchcore", "cutpaste"]
+    assert [row["model"] for row in rows] == ["isstad", "patchcore", "cutpaste", "isstad_features"]
     for row in rows:
         assert list(row) == COLUMNS
         assert all(row[column].strip() for column in COLUMNS), row
@@ -46,6 +46,9 @@ def test_every_column_of_every_row_is_filled(finished: dict) -> None:
         assert float(row["peak_rss_MB"]) > 100 and float(row["params_M"]) > 0
     by_model = {row["model"]: row for row in rows}
     assert by_model["isstad"]["pretrained"] == "no"
+    # a rescoring row: the isstad row's trained network (same maps, same training minutes), another image score
+    for column in ("pixel_AUROC", "pixel_AUPRO", "train_min"):
+        assert by_model["isstad_features"][column] == by_model["isstad"][column], column
     for baseline in ("patchcore", "cutpaste"):
         assert by_model[baseline]["pretrained"] == "yes"
         assert by_model[baseline]["backbone"] == "efficientnet_lite0.pypi_in1k"
@@ -67,7 +70,7 @@ def test_rerun_keeps_finished_rows_and_hand_written_text(finished: dict) -> None
     page.write_text(page.read_text() + "Discussion written by hand.\n")
     result = run_benchmark(*finished["args"])
     assert result.returncode == 0, result.stdout[-3000:]
-    assert result.stdout.count("kept ") == 3
+    assert result.stdout.count("kept ") == 4
     assert (finished["out"] / "results.csv").read_text() == before
     assert page.read_text().endswith("Discussion written by hand.\n")
 
@@ -99,7 +102,7 @@ def test_config_errors_name_the_key(tmp_path: Path) -> None:
 
 def test_only_rows_of_the_current_configuration_are_published() -> None:
     config = load_config(REPO / "configs/benchmark/tiny.yaml")
-    isstad, patchcore, _ = config.runs
+    isstad, patchcore = config.runs[:2]
     current = spec_hash(config.row_spec(isstad, "magnetic_tile"))
     rows_by_key = {("isstad", "magnetic_tile"): {"model": "isstad", "category": "magnetic_tile", "spec_hash": current},
                    ("patchcore", "magnetic_tile"): {"model": "patchcore", "category": "magnetic_tile",
@@ -107,7 +110,8 @@ def test_only_rows_of_the_current_configuration_are_published() -> None:
     rows, missing = current_rows(rows_by_key, config, failed={("cutpaste", "magnetic_tile", config.seed)})
     assert [row["model"] for row in rows] == ["isstad"]
     assert missing == [f"{patchcore.name}/magnetic_tile: not run with the current configuration (run it to include it)",
-                       "cutpaste/magnetic_tile: failed, see its job.log"]
+                       "cutpaste/magnetic_tile: failed, see its job.log",
+                       "isstad_features/magnetic_tile: not run with the current configuration (run it to include it)"]
 
 
 def test_several_seeds_give_mean_and_std_and_list_every_run() -> None:
@@ -191,3 +195,11 @@ def test_the_split_seed_is_always_an_explicit_integer_zero_included(tile_root: P
     assert halves[0] == halves[1]
     with pytest.raises(ValueError, match="data.init_args.seed is set by the benchmark"):
         build_datamodule({**data, "init_args": {**data["init_args"], "seed": 3}}, 0)
+
+
+def test_a_rescoring_run_must_follow_the_run_it_rescores(tmp_path: Path) -> None:
+    config = tmp_path / "bad.yaml"
+    text = (REPO / "configs/benchmark/tiny.yaml").read_text().replace("rescores: isstad", "rescores: cutpaste_later")
+    config.write_text(text)
+    with pytest.raises(ValueError, match="rescores 'cutpaste_later', which must be a run listed before it"):
+        load_config(config)

@@ -26,6 +26,9 @@ class RunSpec:
         trainer: Trainer arguments for this run, over the benchmark's ``trainer`` (e.g.
             ``check_val_every_n_epoch`` equal to ``max_epochs`` to validate only once, at the end).
         note: one line shown under the table (what this row ablates).
+        rescores: another run's name: this run trains nothing and scores *that run's* trained models (same category
+            and seed) with its own options, which may differ from that run's in scoring options only (a later
+            scoring recipe as its own row); its training minutes and memory are that run's.
     """
 
     name: str
@@ -34,6 +37,7 @@ class RunSpec:
     backbones: list[dict[str, Any]] = field(default_factory=list)
     trainer: dict[str, Any] = field(default_factory=dict)
     note: str = ""
+    rescores: str = ""
 
 
 @dataclass(frozen=True)
@@ -64,7 +68,8 @@ class BenchmarkConfig:
         an explicit integer (0 included), makes the validation/test split."""
         data = {"class_path": self.data["class_path"],
                 "init_args": {**self.data.get("init_args", {}), "category": category}}
-        return {"run": asdict(run), "category": category, "data": data,
+        run_spec = {k: v for k, v in asdict(run).items() if k != "rescores" or v}  # old rows keep their hash
+        return {"run": run_spec, "category": category, "data": data,
                 "seed": int(self.seed if seed is None else seed), "split_seed": int(self.seed),
                 "trainer": {**self.trainer, **run.trainer}, "latency_repeats": self.latency_repeats,
                 "threads": self.threads}
@@ -121,4 +126,8 @@ def load_config(path: Path | str, overrides: list[str] | None = None) -> Benchma
     if len(set(names)) != len(names):
         msg = f"{path}: run names must be unique, got {names}."
         raise ValueError(msg)
+    for index, run in enumerate(runs):
+        if run.rescores and run.rescores not in names[:index]:
+            msg = f"{path}: runs[{index}] ({run.name}) rescores {run.rescores!r}, which must be a run listed before it."
+            raise ValueError(msg)
     return BenchmarkConfig(runs=runs, **values)

@@ -101,6 +101,25 @@ def inference_ms(
     return torch_ms, openvino_ms
 
 
+def load_trained(model: Any, source: Path) -> tuple[float, float]:  # noqa: ANN401
+    """Load the network another run trained (its newest ``model.ckpt`` under ``source``) into ``model``; only what a
+    scoring learns at validation (the feature memory) may be missing. Returns that run's training seconds and peak
+    memory (MB), which a rescoring row reports as its own."""
+    result = source / "result.json"
+    checkpoints = sorted(source.rglob("model.ckpt"), key=lambda path: path.stat().st_mtime)
+    if not result.is_file() or not checkpoints:
+        msg = f"{source} holds no finished row to rescore: run that row first (it is listed before this one)."
+        raise FileNotFoundError(msg)
+    state = torch.load(checkpoints[-1], map_location="cpu", weights_only=False)["state_dict"]
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    if unexpected or any(not key.startswith("model.feature_memory.") for key in missing):
+        msg = (f"{checkpoints[-1]} does not fit this run's network (missing {missing}, unexpected {unexpected}): a "
+               "rescoring run may change scoring options only.")
+        raise ValueError(msg)
+    row = json.loads(result.read_text())
+    return float(row["train_min"]) * 60, float(row["peak_rss_MB"])
+
+
 def run_job(spec: dict[str, Any], work_dir: Path) -> dict[str, Any]:
     """Train and test one (model, category) row; return its report row."""
     from anomalib.deploy import ExportType
@@ -119,11 +138,15 @@ def run_job(spec: dict[str, Any], work_dir: Path) -> dict[str, Any]:
     datamodule = build_datamodule(spec["data"], spec["split_seed"])
     engine = Engine(default_root_dir=work_dir, max_epochs=run["max_epochs"], logger=False, **spec["trainer"])
 
-    start = time.perf_counter()
-    engine.fit(model=model, datamodule=datamodule)
-    train_s = time.perf_counter() - start
+    if run.get("rescores"):  # the trained network of another run, scored with this run's options
+        train_s, source_peak_mb = load_trained(model, Path(spec["rescores_dir"]))
+        engine.validate(model=model, datamodule=datamodule)  # what the scoring learns; thresholds
+    else:
+        start = time.perf_counter()
+        engine.fit(model=model, datamodule=datamodule)
+        train_s, source_peak_mb = time.perf_counter() - start, 0.0
     anomalib_metrics = engine.test(model=model, datamodule=datamodule)[0]  # at the input size (anomalib's default)
-    peak_rss_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    peak_rss_mb = max(source_peak_mb, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
     metrics = score_module(model, datamodule)  # at each image's original size: the benchmark's figures
 
     size = export_size(model)

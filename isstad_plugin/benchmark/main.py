@@ -72,6 +72,11 @@ def row_key(row: dict, config: BenchmarkConfig) -> tuple[str, str, int]:
     return row["model"], row["category"], config.seed if seed is None or seed == "" else int(seed)  # seed 0 is a seed
 
 
+def row_dir(output_dir: Path, name: str, category: str, seed: int, config: BenchmarkConfig) -> Path:
+    """Where the row of ``name`` on ``category`` with ``seed`` runs (its job log, checkpoints and exports)."""
+    return output_dir / "runs" / name / (category if seed == config.seed else f"{category}-seed{seed}")
+
+
 def contended(rows_by_key: dict, config: BenchmarkConfig, limit: float) -> list[tuple[str, str, int]]:
     """``(run, category, config seed)`` of every (run, category) none of whose finished runs had other processes use at
     most ``limit`` % of the machine (rows measured before the load was recorded count as contended)."""
@@ -193,9 +198,9 @@ def main(argv: list[str] | None = None) -> int:
                 progress.advance(task)
                 continue
             progress.update(task, description=label, status="starting")
-            row_dir = output_dir / "runs" / run.name / category
-            row = run_row(spec, row_dir if seed == config.seed else row_dir.with_name(f"{category}-seed{seed}"),
-                          progress, task)
+            if run.rescores:  # where the run it rescores keeps its trained model (not part of the hash)
+                spec["rescores_dir"] = str(row_dir(output_dir, run.rescores, category, seed, config).resolve())
+            row = run_row(spec, row_dir(output_dir, run.name, category, seed, config), progress, task)
             if row is None:
                 rows_by_key.pop(key, None)  # an earlier row of another configuration must not stand in for it
                 failed.add(key)
@@ -224,8 +229,8 @@ def main(argv: list[str] | None = None) -> int:
             path.write_text(refresh_summaries(path))
     console.print(f"results: {csv_path}, {output_dir / 'results.md'}" + (f", {args.publish}" if args.publish else ""))
     if failed:
-        logs = [str(output_dir / "runs" / name / (category if seed == config.seed else f"{category}-seed{seed}")
-                    / "job.log") for name, category, seed in sorted(failed)]
+        logs = [str(row_dir(output_dir, name, category, seed, config) / "job.log")
+                for name, category, seed in sorted(failed)]
         console.print(f"[red]{len(failed)} row(s) failed:[/red] " + "; ".join(logs), soft_wrap=True)
         return 1
     return 0
