@@ -1,9 +1,9 @@
 """What the README's test command costs: wall time, peak memory, peak disk under the temporary folder.
 
-    python -m benchmarks.test_suite            # runs `python -m pytest tests` as the README says; about 10 minutes
+    python -m benchmarks.test_suite            # runs `python -m pytest tests` as the README says; see the page for how long
 
-Samples every second, while the suite runs: the resident memory of the pytest process and all its descendants
-(summed: the two test workers and the commands they start), and the bytes under pytest's temporary folder (its
+Samples every second, while the suite runs: the memory of the pytest process and all its descendants together
+(summed proportional set sizes, so libraries they share count once: the test workers and the commands they start), and the bytes under pytest's temporary folder (its
 ``basetemp``, set to a fresh folder: every ``tmp_path`` of the suite lives there). Writes ``docs/benchmarks/test-suite.md``. Run it on a quiet machine: other processes slow the suite down.
 """
 
@@ -22,23 +22,33 @@ from benchmarks.common import DOCS, REPO, machine, write_page
 PAGE = DOCS / "test-suite.md"
 
 
-def tree_rss_bytes(root: int) -> int:
-    """Resident bytes of process ``root`` and every descendant (from /proc)."""
+def proportional_bytes(pid: int) -> int:
+    """Proportional set size of ``pid`` (its private pages plus its share of pages it shares with others, so that
+    the sum over processes is the memory they use together; plain RSS counts torch's libraries once per worker)."""
+    try:
+        for line in Path(f"/proc/{pid}/smaps_rollup").read_text().splitlines():
+            if line.startswith("Pss:"):
+                return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    return 0
+
+
+def tree_memory_bytes(root: int) -> int:
+    """Memory of process ``root`` and every descendant together (summed proportional set sizes, from /proc)."""
     children: dict[int, list[int]] = {}
-    rss: dict[int, int] = {}
     for entry in Path("/proc").iterdir():
         if not entry.name.isdigit():
             continue
         try:
             fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
-            rss[int(entry.name)] = int(fields[21]) * os.sysconf("SC_PAGE_SIZE")
             children.setdefault(int(fields[1]), []).append(int(entry.name))
         except (OSError, IndexError, ValueError):
             continue
     total, pending = 0, [root]
     while pending:
         pid = pending.pop()
-        total += rss.get(pid, 0)
+        total += proportional_bytes(pid)
         pending += children.get(pid, [])
     return total
 
@@ -57,14 +67,14 @@ def folder_bytes(folder: Path) -> int:
 def main() -> int:
     basetemp = Path(tempfile.mkdtemp(prefix="suite-"))
     command = [sys.executable, "-m", "pytest", "tests", "--basetemp", str(basetemp / "pytest")]
-    peaks = {"rss": 0, "disk": 0}
+    peaks = {"memory": 0, "disk": 0}
     start = time.perf_counter()
     process = subprocess.Popen(command, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     stop = threading.Event()
 
     def sample() -> None:
         while not stop.wait(1.0):
-            peaks["rss"] = max(peaks["rss"], tree_rss_bytes(process.pid))
+            peaks["memory"] = max(peaks["memory"], tree_memory_bytes(process.pid))
             peaks["disk"] = max(peaks["disk"], folder_bytes(basetemp))
 
     sampler = threading.Thread(target=sample, daemon=True)
@@ -81,8 +91,9 @@ def main() -> int:
         "its temporary folder under one measured directory).", f"Machine: {machine()}.", "",
         "| result | minutes | peak memory (pytest and all it started) | peak disk (its temporary files) |",
         "|---|---|---|---|",
-        f"| {summary.strip('= ')} | {minutes:.1f} | {peaks['rss'] / 2**30:.1f} GB | {peaks['disk'] / 2**30:.2f} GB |",
-        "", "Sampled once a second; a file written and deleted within a second can be missed.", "",
+        f"| {summary.strip('= ')} | {minutes:.1f} | {peaks['memory'] / 2**30:.1f} GB | {peaks['disk'] / 2**30:.2f} GB |",
+        "", "Memory is the summed proportional set size (shared pages counted once) of pytest and every process it "
+        "started. Sampled once a second; a file written and deleted within a second can be missed.", "",
     ])
     return process.returncode
 

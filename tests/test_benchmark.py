@@ -75,6 +75,19 @@ def test_rerun_keeps_finished_rows_and_hand_written_text(finished: dict) -> None
     assert page.read_text().endswith("Discussion written by hand.\n")
 
 
+def test_a_fresh_checkout_resumes_from_the_published_csv(finished: dict, tmp_path: Path) -> None:
+    # Another machine: no results folder, only the committed page and its CSV; nothing is trained again.
+    page = tmp_path / "page.md"
+    for suffix in (".md", ".csv"):
+        page.with_suffix(suffix).write_text(finished["page"].with_suffix(suffix).read_text())
+    args = [arg for arg in finished["args"] if not arg.startswith(("output_dir=", "--publish"))
+            and arg != str(finished["page"])]
+    result = run_benchmark(*args, f"output_dir={tmp_path / 'fresh'}", "--publish", str(page))
+    assert result.returncode == 0, result.stdout[-3000:]
+    assert result.stdout.count("kept ") == 4
+    assert (tmp_path / "fresh" / "results.csv").read_text() == finished["page"].with_suffix(".csv").read_text()
+
+
 def test_a_failed_row_is_reported_and_not_written(tile_root: Path, tmp_path: Path) -> None:
     # 60 px is not a multiple of the 16 px patches: the model refuses it when the row's job builds it.
     result = run_benchmark(f"data.init_args.root={tile_root}", f"output_dir={tmp_path / 'out'}",

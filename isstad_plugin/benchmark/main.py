@@ -1,7 +1,9 @@
 """``isstad-benchmark -c configs/benchmark/three_categories.yaml``: run every (model, category) row, resumably.
 
 Finished rows are kept in ``<output_dir>/results.csv`` and skipped next time unless their configuration
-changed (each row stores a hash of everything that defines it). Each row runs in a child process whose
+changed (each row stores a hash of everything that defines it). With ``--publish PAGE.md``, the rows of the
+published ``PAGE.csv`` count as finished too, so a benchmark whose page is committed resumes on a fresh checkout
+(where a rescoring run needs the trained models of the run it rescores, that run must have run on this machine). Each row runs in a child process whose
 log is ``<output_dir>/runs/<model>/<category>/job.log``; a failed row is reported, not written.
 """
 
@@ -174,6 +176,9 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     csv_path = output_dir / "results.csv"
     kept = [] if args.fresh else read_rows(csv_path)
+    if args.publish and not args.fresh:  # the published CSV (committed) resumes the benchmark on another machine
+        known = {row_key(row, config) for row in kept}
+        kept += [row for row in read_rows(args.publish.with_suffix(".csv")) if row_key(row, config) not in known]
     shown = [arg for arg in (argv if argv is not None else sys.argv[1:]) if arg != "--report-only"]
     command = shlex.join(["isstad-benchmark", *shown])  # the command that runs (and resumes) the benchmark
     rows_by_key = {row_key(row, config): row for row in kept}
@@ -213,6 +218,8 @@ def main(argv: list[str] | None = None) -> int:
             write_rows(csv_path, ordered(rows_by_key, config))
             progress.advance(task)
 
+    if rows_by_key:  # rows resumed from the published CSV included
+        write_rows(csv_path, ordered(rows_by_key, config))
     rows, missing = current_rows(rows_by_key, config, failed)
     text = markdown(rows, [*header_lines(config, command), "", "![metrics and training time](results.png)"],
                     missing)
