@@ -150,6 +150,21 @@ def test_several_seeds_give_mean_and_std_and_list_every_run() -> None:
     assert row_key({"model": "isstad", "category": "magnetic_tile", "seed": 0}, config)[2] == 0  # not the default
 
 
+def test_costs_are_quoted_from_one_cpu_and_old_csvs_still_resume(tmp_path: Path) -> None:
+    from isstad_plugin.benchmark.report import LEGACY_COLUMNS, quietest_runs
+
+    # A benchmark resumed on another machine: times from two CPUs must not sit side by side in the cost table.
+    rows = [{"model": "isstad", "category": c, "seed": seed, "cpu": cpu, "other_load_pct": load}
+            for c, seed, cpu, load in (("tile", 42, "CPU A", 0.5), ("tile", 0, "CPU B", 9.0),
+                                       ("crack", 42, "CPU B", 3.0), ("pits", 42, "CPU A", 1.0),
+                                       ("pits", 0, "CPU B", 20.0), ("pits", 1, "CPU B", 10.0))]
+    chosen = {row["category"]: (row["seed"], row["cpu"]) for row in quietest_runs(rows)}
+    assert chosen == {"tile": (0, "CPU B"), "crack": (42, "CPU B"), "pits": (1, "CPU B")}  # B: most runs
+    legacy = tmp_path / "results.csv"
+    legacy.write_text(",".join(LEGACY_COLUMNS) + "\n" + ",".join("1" for _ in LEGACY_COLUMNS) + "\n")
+    assert read_rows(legacy)[0]["cpu"] == ""  # written before rows named their CPU: unknown, not refused
+
+
 # ------------------------------------------------------------------ numbers never pasted
 SUMMARY_FILES = ["README.md", "isstad_plugin/models/isstad/README.md", "isstad_plugin/models/cutpaste/README.md"]
 

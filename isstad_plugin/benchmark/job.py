@@ -22,7 +22,7 @@ from isstad_plugin.data_checks import IMAGE_SUFFIXES
 
 from .report import METRICS
 from .scoring import score_module
-from .timing import median, time_calls
+from .timing import cpu_label, median, time_calls
 
 # anomalib's Evaluator names of the metrics (``image_F1Score``), as the test run reports them
 ANOMALIB_NAMES = {"image_F1": "image_F1Score", "pixel_F1": "pixel_F1Score"}
@@ -179,6 +179,7 @@ def run_job(spec: dict[str, Any], work_dir: Path) -> dict[str, Any]:
         "params_M": round(sum(p.numel() for p in model.model.parameters()) / 1e6, 2),
         "seed": spec["seed"],
         "torch": torch.__version__,
+        "cpu": cpu_label(),
     }
 
 

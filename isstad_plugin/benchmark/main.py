@@ -125,7 +125,8 @@ def header_lines(config: BenchmarkConfig, command: str) -> list[str]:
         f"# {config.title}",
         "",
         f"Command: `{command}`",
-        f"Machine: {machine()}; {config.threads} threads for training and timing; "
+        f"Published on: {machine()}; {config.threads} threads for training and timing (each run's CPU: `cpu` column "
+        "of the CSV and cost table); "
         + (f"seeds {', '.join(map(str, config.all_seeds))} (mean ± std over them; every run below the tables)."
            if len(config.all_seeds) > 1 else f"seed {config.seed}."),
         "Each row trains on the train split with a fixed number of epochs (no early stopping, no model selection),",

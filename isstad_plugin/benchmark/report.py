@@ -14,8 +14,9 @@ COLUMNS = [
     "model", "category", "class", "backbone", "pretrained", "weights",
     *METRICS, *ANOMALIB_METRICS,
     "epochs", "train_min", "torch_ms", "openvino_ms", "input_px", "peak_rss_MB", "params_M", "other_load_pct",
-    "seed", "torch", "spec_hash",
+    "seed", "torch", "cpu", "spec_hash",
 ]
+LEGACY_COLUMNS = [column for column in COLUMNS if column != "cpu"]  # CSVs written before rows named their CPU
 # Between the generated part of a published page and text written by hand, which re-publishing keeps.
 HAND_WRITTEN_MARKER = "<!-- Everything below this line is written by hand and kept when the table is re-published. -->"
 
@@ -26,6 +27,8 @@ def read_rows(path: Path) -> list[dict[str, str]]:
         return []
     with path.open(newline="") as handle:
         reader = csv.DictReader(handle)
+        if reader.fieldnames == LEGACY_COLUMNS:
+            return [{**row, "cpu": ""} for row in reader]  # CPU not recorded: the cost table says "-"
         if reader.fieldnames != COLUMNS:
             msg = (f"{path} has columns {reader.fieldnames}, expected {COLUMNS}; move it away or pass "
                    "--fresh to start a new results file.")
@@ -100,14 +103,27 @@ def category_means(rows: Sequence[dict[str, object]], categories: Sequence[str])
     return means
 
 
+def main_cpu(rows: Sequence[dict[str, object]]) -> str:
+    """The CPU most rows ran on ("" when no row records one): costs are compared on one machine."""
+    cpus = [str(row.get("cpu") or "") for row in rows if row.get("cpu")]
+    return max(dict.fromkeys(cpus), key=cpus.count) if cpus else ""
+
+
 def quietest_runs(rows: Sequence[dict[str, object]]) -> list[dict[str, object]]:
-    """Per (model, category), in first-seen order, the run that shared the machine least (lowest
-    ``other_load_pct``; the first run where none was measured): the run whose times and memory the tables quote."""
+    """Per (model, category), in first-seen order, the run whose times and memory the tables quote: among its runs on
+    the CPU most rows ran on (:func:`main_cpu`; any CPU where it has none there), the one that shared the machine
+    least (lowest ``other_load_pct``; the first run where none was measured)."""
+    cpu = main_cpu(rows)
     best: dict[tuple[str, str], dict[str, object]] = {}
     for row in rows:
         key = (str(row["model"]), str(row["category"]))
         load = _number(row.get("other_load_pct"))
-        if key not in best or (load is not None and load < (_number(best[key].get("other_load_pct")) or float("inf"))):
+        if key not in best:
+            best[key] = row
+            continue
+        on_main, best_on_main = (str(r.get("cpu") or "") == cpu for r in (row, best[key]))
+        quieter = load is not None and load < (_number(best[key].get("other_load_pct")) or float("inf"))
+        if (on_main and not best_on_main) or (on_main == best_on_main and quieter):
             best[key] = row
     return list(best.values())
 
@@ -208,10 +224,13 @@ def markdown(rows: Sequence[dict[str, object]], header_lines: Sequence[str], fai
                              [[row["model"], row["category"],
                                *(f"{metric_cell(row, m, False)} / {metric_cell(row, f'{m}_anomalib', False)}"
                                  for m in METRICS[2:])] for row in merged])]
+    cpu = main_cpu(rows)
     lines += ["", "## Cost and provenance (each row's quietest run: the least CPU used by other processes)", "",
+              *([f"Times are compared on one machine: each row's quietest run on {cpu}, the CPU most runs used "
+                 "(another CPU only where a row has no run on it; its `cpu` cell says so).", ""] if cpu else []),
               table(quietest_runs(rows), ["model", "category", "seed", "backbone", "pretrained", "weights", "epochs",
                                           "train_min", "torch_ms", "openvino_ms", "input_px", "peak_rss_MB",
-                                          "params_M", "other_load_pct"])]
+                                          "params_M", "other_load_pct", "cpu"])]
     if several:
         lines += ["", "## Every run", "", markdown_table(
             ["model", "category", "seed", *METRICS, "train_min", "other_load_pct"],

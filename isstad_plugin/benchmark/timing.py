@@ -59,12 +59,17 @@ def cpu_description() -> tuple[str, list[str]]:
     return cpu, [name for flag, name in VECTOR_EXTENSIONS.items() if flag in flags]
 
 
+def cpu_label() -> str:
+    """The CPU model with its vector extensions, e.g. ``AMD EPYC (AVX2, AVX-512)``: what a timing depends on."""
+    cpu, extensions = cpu_description()
+    return f"{cpu} ({', '.join(extensions) or 'no AVX2'})"
+
+
 def machine() -> str:
     """One line naming the machine (CPU model and vector extensions) and software."""
     import torch
 
-    cpu, extensions = cpu_description()
-    return (f"{cpu} ({', '.join(extensions) or 'no AVX2'}), {os.cpu_count()} cores visible, "
+    return (f"{cpu_label()}, {os.cpu_count()} cores visible, "
             f"Python {platform.python_version()}, torch {torch.__version__}")
 
 
