@@ -83,15 +83,17 @@ def aggregate(rows: Sequence[dict[str, object]]) -> list[dict[str, object]]:
 
 
 def category_means(rows: Sequence[dict[str, object]], categories: Sequence[str]) -> list[dict[str, object]]:
-    """Per model with rows on every one of ``categories`` and the same seeds on each: for every seed the mean over
-    the categories, then the mean ± std of those over the seeds (so the spread is the seeds', not the categories')."""
+    """Per model, over the seeds it has finished on every one of ``categories`` (none: no row): for every such seed
+    the mean over the categories, then the mean ± std of those over the seeds (so the spread is the seeds', not the
+    categories'). A seed still running on some category is left out of the mean, never mixed in."""
     by_model: dict[str, dict[tuple[str, str], dict[str, object]]] = {}
     for row in rows:
         by_model.setdefault(str(row["model"]), {})[(str(row["category"]), str(row.get("seed", "")))] = row
     means = []
     for model, cells in by_model.items():
-        seeds = list(dict.fromkeys(seed for _, seed in cells))
-        if not categories or any((category, seed) not in cells for category in categories for seed in seeds):
+        seeds = [seed for seed in dict.fromkeys(seed for _, seed in cells)
+                 if all((category, seed) in cells for category in categories)]
+        if not categories or not seeds:
             continue
         row: dict[str, object] = {"model": model, "category": MEAN_LABEL,
                                   "seeds": f"{len(seeds)} ({', '.join(seeds)})"}
@@ -164,9 +166,9 @@ def summary_table(rows: Sequence[dict[str, object]], models: Sequence[str] | Non
         means = [row for row in category_means(rows, categories) if row["model"] == model]
         for row in [*(means if len(categories) > 1 else []), *model_rows]:
             label = f"**mean of {len(categories)}**" if row["category"] == MEAN_LABEL else row["category"]
-            table_rows.append([model, label, *(metric_cell(row, c, several) for c in HEADLINE),
-                               *costs(model, str(row["category"]))])
-    return markdown_table(["model", "category", *HEADLINE, *SUMMARY_COSTS.values()], table_rows)
+            table_rows.append([model, label, str(row["seeds"]).split(" ")[0],
+                               *(metric_cell(row, c, several) for c in HEADLINE), *costs(model, str(row["category"]))])
+    return markdown_table(["model", "category", "seeds", *HEADLINE, *SUMMARY_COSTS.values()], table_rows)
 
 
 # A block of a Markdown file generated from a benchmark CSV, named relative to that file, e.g.
