@@ -160,6 +160,12 @@ def test_costs_are_quoted_from_one_cpu_and_old_csvs_still_resume(tmp_path: Path)
                                        ("pits", 0, "CPU B", 20.0), ("pits", 1, "CPU B", 10.0))]
     chosen = {row["category"]: (row["seed"], row["cpu"]) for row in quietest_runs(rows)}
     assert chosen == {"tile": (0, "CPU B"), "crack": (42, "CPU B"), "pits": (1, "CPU B")}  # B: most runs
+    # --quiet-rerun PCT re-times the config seed's row where the quoted run (main CPU) was louder than PCT
+    from isstad_plugin.benchmark.main import contended, row_key
+
+    config = load_config(REPO / "configs/benchmark/tiny.yaml")
+    by_key = {row_key(row, config): row for row in rows}
+    assert sorted(contended(by_key, config, 5.0)) == [("isstad", "pits", config.seed), ("isstad", "tile", config.seed)]
     legacy = tmp_path / "results.csv"
     legacy.write_text(",".join(LEGACY_COLUMNS) + "\n" + ",".join("1" for _ in LEGACY_COLUMNS) + "\n")
     assert read_rows(legacy)[0]["cpu"] == ""  # written before rows named their CPU: unknown, not refused

@@ -22,7 +22,7 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
 
 from .config import BenchmarkConfig, RunSpec, load_config, spec_hash
-from .report import chart, markdown, publish, read_rows, refresh_summaries, write_rows
+from .report import chart, markdown, publish, quietest_runs, read_rows, refresh_summaries, write_rows
 from .timing import OtherLoad, machine
 
 
@@ -80,13 +80,15 @@ def row_dir(output_dir: Path, name: str, category: str, seed: int, config: Bench
 
 
 def contended(rows_by_key: dict, config: BenchmarkConfig, limit: float) -> list[tuple[str, str, int]]:
-    """``(run, category, config seed)`` of every (run, category) none of whose finished runs had other processes use at
-    most ``limit`` % of the machine (rows measured before the load was recorded count as contended)."""
-    loads: dict[tuple[str, str], list[float]] = {}
-    for (name, category, _), row in rows_by_key.items():
+    """``(run, category, config seed)`` of every (run, category) whose run the cost table quotes (:func:`quietest_runs`:
+    the quietest on the CPU most runs used) had other processes use more than ``limit`` % of the machine (rows measured
+    before the load was recorded count as contended)."""
+    def load(row: dict) -> float:
         value = row.get("other_load_pct")
-        loads.setdefault((name, category), []).append(float(value) if value not in (None, "") else float("inf"))
-    return [(name, category, config.seed) for (name, category), values in loads.items() if min(values) > limit]
+        return float(value) if value not in (None, "") else float("inf")
+
+    return [(str(row["model"]), str(row["category"]), config.seed)
+            for row in quietest_runs(list(rows_by_key.values())) if load(row) > limit]
 
 
 def planned(config: BenchmarkConfig) -> list[tuple[RunSpec, str, int]]:
