@@ -87,13 +87,13 @@ def main() -> int:
     print(output[-3000:])
     write_page(PAGE, [
         "# The test suite's cost", "",
-        "Command: `python -m benchmarks.test_suite` (runs `python -m pytest tests`, the README's test command, with "
-        "its temporary folder under one measured directory).", f"Machine: {machine()}.", "",
+        ("Command: `python -m benchmarks.test_suite` (runs `python -m pytest tests`, the README's test command, with "
+         "its temporary folder under one measured directory)."), f"Machine: {machine()}.", "",
         "| result | minutes | peak memory (pytest and all it started) | peak disk (its temporary files) |",
         "|---|---|---|---|",
         f"| {summary.strip('= ')} | {minutes:.1f} | {peaks['memory'] / 2**30:.1f} GB | {peaks['disk'] / 2**30:.2f} GB |",
-        "", "Memory is the summed proportional set size (shared pages counted once) of pytest and every process it "
-        "started. Sampled once a second; a file written and deleted within a second can be missed.", "",
+        "", ("Memory is the summed proportional set size (shared pages counted once) of pytest and every process it "
+             "started. Sampled once a second; a file written and deleted within a second can be missed."), "",
     ])
     return process.returncode
 

@@ -228,8 +228,8 @@ def markdown(rows: Sequence[dict[str, object]], header_lines: Sequence[str], fai
                                  for m in METRICS[2:])] for row in merged])]
     cpu = main_cpu(rows)
     lines += ["", "## Cost and provenance (each row's quietest run: the least CPU used by other processes)", "",
-              *([f"Times are compared on one machine: each row's quietest run on {cpu}, the CPU most runs used "
-                 "(another CPU only where a row has no run on it; its `cpu` cell says so).", ""] if cpu else []),
+              *([(f"Times are compared on one machine: each row's quietest run on {cpu}, the CPU most runs used "
+                  "(another CPU only where a row has no run on it; its `cpu` cell says so)."), ""] if cpu else []),
               table(quietest_runs(rows), ["model", "category", "seed", "backbone", "pretrained", "weights", "epochs",
                                           "train_min", "torch_ms", "openvino_ms", "input_px", "peak_rss_MB",
                                           "params_M", "other_load_pct", "cpu"])]
