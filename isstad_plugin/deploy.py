@@ -41,15 +41,18 @@ from isstad_plugin.data_checks import IMAGE_SUFFIXES
 # elsewhere, so the same model scores differently from one machine to the next unless the precision is named.
 # f32 (the default here) matches torch on every CPU; bf16 is faster on CPUs with BF16 instructions at a cost
 # measured in docs/benchmarks/precision.md (python -m benchmarks.precision); f16 is for GPUs.
+# The model cache is switched off: anomalib's OpenVINOInferencer caches compiled models in ./openvino_cache, and
+# OpenVINO (2026.4) keys that cache without the precision hint, so a model compiled at f32 and then loaded at bf16
+# (or the reverse) reused the other's blob: every bf16 score came out 0.0, every "f32" score was bf16's.
 PRECISIONS = ("f32", "bf16", "f16")
 
 
 def openvino_config(precision: str = "f32") -> dict[str, str]:
-    """OpenVINO compile config that fixes the inference precision (``f32``, ``bf16`` or ``f16``)."""
+    """OpenVINO compile config that fixes the inference precision (``f32``, ``bf16`` or ``f16``), uncached."""
     if precision not in PRECISIONS:
         msg = f"precision must be one of {', '.join(PRECISIONS)}, got {precision!r}."
         raise ValueError(msg)
-    return {"INFERENCE_PRECISION_HINT": precision}
+    return {"INFERENCE_PRECISION_HINT": precision, "CACHE_DIR": ""}
 
 
 @dataclass

@@ -103,16 +103,22 @@ def test_openvino_inferencer_predicts_files_and_writes_overlays(exported: dict, 
     assert len(list((tmp_path / "overlays").rglob("*.png"))) == len(rows)
 
 
-def test_predict_precision_is_explicit(exported: dict, tmp_path: Path) -> None:
+def test_predict_precision_is_explicit(exported: dict, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """bf16 is an option, never the silent default: it runs everywhere (OpenVINO falls back to f32 on CPUs
-    without BF16 units) and stays within 2 % of the score range of torch; an unknown precision is refused."""
+    without BF16 units) and stays within 2 % of the score range of torch; an unknown precision is refused. One
+    precision never reuses another's compiled model: anomalib's inferencer caches them in ./openvino_cache, keyed
+    without the precision (bf16 after f32 scored every image 0.0, f32 after bf16 gave bf16's scores)."""
     from isstad_plugin.deploy import ExportedModel
 
+    monkeypatch.chdir(tmp_path)  # where anomalib's inferencer puts its cache folder
     default = ExportedModel(exported["ir"])  # isstad-predict's default
     assert str(default.inferencer.model.get_property("INFERENCE_PRECISION_HINT")) in {"f32", "<Type: 'float32'>"}
-    rows = predict_paths(exported["ir"], exported["files"][:4], tmp_path / "bf16", precision="bf16")
     expected = exported["reference"]["pred_score"][:4]
-    np.testing.assert_allclose([row["pred_score"] for row in rows], expected, atol=0.02 * np.abs(expected).max())
+    for precision, atol in (("bf16", 0.02), ("f32", 1e-4), ("bf16", 0.02)):  # each after the other's compile
+        rows = predict_paths(exported["ir"], exported["files"][:4], tmp_path / precision, precision=precision,
+                             overwrite=True)
+        np.testing.assert_allclose([row["pred_score"] for row in rows], expected, atol=atol * np.abs(expected).max(),
+                                   err_msg=precision)
     with pytest.raises(ValueError, match="precision must be one of f32, bf16, f16, got 'fp64'"):
         openvino_config("fp64")
 
