@@ -1,6 +1,7 @@
 """A threshold from good images alone against anomalib's F1 threshold learnt with defective images, on real defects.
 
     python -m benchmarks.good_only_thresholds [--benchmark results/benchmark/three_categories] [--rate 0.01]
+                                              [--models isstad cutpaste]
 
 Uses the models the benchmark trained (``isstad-benchmark -c configs/benchmark/three_categories.yaml``: every model,
 category and seed; all were trained on good images only) and, for each:
@@ -129,11 +130,15 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--benchmark", type=Path, default=REPO / "results" / "benchmark" / "three_categories")
     parser.add_argument("--rate", type=float, default=0.01, help="false-alarm rate of the good-only threshold")
+    parser.add_argument("--models", nargs="+", default=None,
+                        help="the benchmark's runs to use (default: every run; e.g. isstad cutpaste, the plugin's)")
     args = parser.parse_args(argv)
     torch.set_num_threads(2)
     rows = []
     for spec_path in sorted((args.benchmark / "runs").glob("*/*/spec.json")):
         spec = json.loads(spec_path.read_text())
+        if args.models and spec["run"]["name"] not in args.models:
+            continue
         if not (spec_path.parent / "result.json").is_file():
             print(f"skipping {spec_path.parent}: the benchmark did not finish that row")
             continue
@@ -149,7 +154,8 @@ def main(argv: list[str] | None = None) -> int:
         writer = csv.DictWriter(handle, COLUMNS)
         writer.writeheader()
         writer.writerows(rows)
-    command = "python -m benchmarks.good_only_thresholds" + (f" --rate {args.rate:g}" if args.rate != 0.01 else "")
+    command = ("python -m benchmarks.good_only_thresholds" + (f" --rate {args.rate:g}" if args.rate != 0.01 else "")
+               + (f" --models {' '.join(args.models)}" if args.models else ""))
     write_page(PAGE, page(rows, args.rate, command))
     return 0
 
