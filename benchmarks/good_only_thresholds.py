@@ -108,7 +108,7 @@ def page(rows: list[dict], rate: float, command: str) -> list[str]:
         "# Thresholds from good images alone, against F1 thresholds learnt with defective images", "",
         f"Command: `{command}`", f"Machine: {machine()}.", "",
         ("The models are the three-category benchmark's ([`three_categories.md`](three_categories.md)): trained on "
-        "good images only, every seed. Two image thresholds for each, both learnt on the validation half of the test "
+        "good images only, every seed whose trained model is at hand (the seeds column; per-run seeds in the CSV). Two image thresholds for each, both learnt on the validation half of the test "
         "folder (split seed 42) and both applied to the other half:"), "",
         (f"- **good-only**: at most {100 * rate:g} % of the validation half's *good* images above it, its defective "
         "images unused: what the models do when the validation split holds no defective image "
