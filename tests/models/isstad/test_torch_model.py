@@ -273,3 +273,21 @@ def test_feature_score_is_the_largest_distance_of_a_patch_token_to_the_training_
     few.fit(normal[:7])  # fewer tokens than the bank: all of them, repeated (the nearest distances are the same)
     torch.testing.assert_close(few(tokens), torch.cdist(tokens.flatten(0, 1), normal[:7]).amin(1).reshape(2, 5)
                                .amax(1), rtol=1e-4, atol=1e-4)
+
+
+def test_the_lean_coreset_selects_what_anomalibs_selects() -> None:
+    from anomalib.models.components.sampling import KCenterGreedy
+
+    from isstad_plugin.models.isstad.feature_memory import LeanKCenterGreedy, PatchFeatureMemory
+
+    tokens = torch.randn(3000, 96, generator=torch.Generator().manual_seed(1))
+    picks = []
+    for sampler_class in (KCenterGreedy, LeanKCenterGreedy):
+        torch.manual_seed(3)  # the first centre
+        np.random.seed(3)  # the projection (anomalib's SparseRandomProjection draws from NumPy's global state)
+        picks.append(sampler_class(tokens, sampling_ratio=0.05).select_coreset_idxs())
+    assert picks[1] == picks[0] and len(set(picks[1])) == 150  # the same greedy path, no token twice
+    memory = PatchFeatureMemory(size=1000, dim=96)
+    tokens = tokens[:1231]  # 1231 * (1000 / 1231) rounds down to 999 in floats
+    memory.fit(tokens)
+    assert len(torch.unique(memory.bank, dim=0)) == 1000
