@@ -1,15 +1,20 @@
 """What the README's test command costs: wall time, peak memory, peak disk under the temporary folder.
 
     python -m benchmarks.test_suite            # runs `python -m pytest tests` as the README says; see the page for how long
+    python -m benchmarks.test_suite --readme   # only rewrites the README's line from the page as it stands
 
 Samples every second, while the suite runs: the memory of the pytest process and all its descendants together
 (summed proportional set sizes, so libraries they share count once: the test workers and the commands they start), and the bytes under pytest's temporary folder (its
-``basetemp``, set to a fresh folder: every ``tmp_path`` of the suite lives there). Writes ``docs/benchmarks/test-suite.md``. Run it on a quiet machine: other processes slow the suite down.
+``basetemp``, set to a fresh folder: every ``tmp_path`` of the suite lives there), and every test's duration
+(``--durations=0``), summed per test file: with ``--dist loadfile`` each file runs on one worker, so the slowest file
+bounds the suite. Writes ``docs/benchmarks/test-suite.md`` and the one-line summary between the README's
+``<!-- test-suite-summary -->`` markers. Run it on a quiet machine: other processes slow the suite down.
 """
 
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 import sys
 import tempfile
@@ -20,6 +25,8 @@ from pathlib import Path
 from benchmarks.common import DOCS, REPO, machine, write_page
 
 PAGE = DOCS / "test-suite.md"
+README = REPO / "README.md"
+README_BLOCK = re.compile(r"(<!-- test-suite-summary -->\n).*?(<!-- /test-suite-summary -->)", re.DOTALL)
 
 
 def proportional_bytes(pid: int) -> int:
@@ -34,8 +41,19 @@ def proportional_bytes(pid: int) -> int:
     return 0
 
 
-def tree_memory_bytes(root: int) -> int:
-    """Memory of process ``root`` and every descendant together (summed proportional set sizes, from /proc)."""
+def command_line(pid: int) -> str:
+    """``pid``'s command line, shortened to what names it (program and module or script)."""
+    try:
+        words = Path(f"/proc/{pid}/cmdline").read_bytes().decode(errors="replace").split("\0")
+    except OSError:
+        return "?"
+    words = [Path(words[0]).name, *words[1:]] if words and words[0] else words
+    return " ".join(word for word in words if word)[:90]
+
+
+def tree_memory(root: int) -> tuple[int, list[tuple[int, str]]]:
+    """Memory of process ``root`` and every descendant together (summed proportional set sizes, from /proc), and
+    the descendants' own sizes with their command lines, largest first."""
     children: dict[int, list[int]] = {}
     for entry in Path("/proc").iterdir():
         if not entry.name.isdigit():
@@ -45,12 +63,13 @@ def tree_memory_bytes(root: int) -> int:
             children.setdefault(int(fields[1]), []).append(int(entry.name))
         except (OSError, IndexError, ValueError):
             continue
-    total, pending = 0, [root]
+    sizes, pending = [], [root]
     while pending:
         pid = pending.pop()
-        total += proportional_bytes(pid)
+        sizes.append((proportional_bytes(pid), pid))
         pending += children.get(pid, [])
-    return total
+    sizes.sort(reverse=True)
+    return sum(size for size, _ in sizes), [(size, command_line(pid)) for size, pid in sizes[:5]]
 
 
 def folder_bytes(folder: Path) -> int:
@@ -64,37 +83,100 @@ def folder_bytes(folder: Path) -> int:
     return total
 
 
+DURATION = re.compile(r"^([0-9.]+)s (?:setup|call|teardown)\s+(tests/\S+?\.py)::", re.MULTILINE)
+
+
+def seconds_per_file(output: str) -> dict[str, float]:
+    """Seconds per test file (setup, call and teardown of all its tests) from pytest's ``--durations=0`` report."""
+    totals: dict[str, float] = {}
+    for seconds, path in DURATION.findall(output):
+        totals[path] = totals.get(path, 0.0) + float(seconds)
+    return dict(sorted(totals.items(), key=lambda item: -item[1]))
+
+
+def refresh_readme(summary: str) -> None:
+    """Put ``summary`` between the README's test-suite markers (the README quotes the page, never types it)."""
+    text = README.read_text()
+    if not README_BLOCK.search(text):
+        msg = f"{README} has no <!-- test-suite-summary --> ... <!-- /test-suite-summary --> block to fill"
+        raise SystemExit(msg)
+    README.write_text(README_BLOCK.sub(lambda match: f"{match[1]}{summary}\n{match[2]}", text, count=1))
+
+
+def readme_line(machine_line: str, result: str, minutes: str, memory: str, disk: str) -> str:
+    return (f"Measured by `python -m benchmarks.test_suite` on {machine_line}: {result}; {minutes} min, peak memory "
+            f"{memory} (pytest and all it started), peak temporary files {disk}.")
+
+
+def readme_from_page() -> int:
+    """Rewrite the README's line from the published page (its machine line and its first table row)."""
+    text = PAGE.read_text()
+    machine_line = re.search(r"^Machine: (.*)\.$", text, re.MULTILINE)[1]
+    row = re.search(r"^\| (?!result)(.*?) \| ([0-9.]+) \| ([0-9.]+ GB) \| ([0-9.]+ GB) \|$", text, re.MULTILINE)
+    refresh_readme(readme_line(machine_line, *row.groups()))
+    return 0
+
+
 def main() -> int:
+    if "--readme" in sys.argv[1:]:
+        return readme_from_page()
     basetemp = Path(tempfile.mkdtemp(prefix="suite-"))
-    command = [sys.executable, "-m", "pytest", "tests", "--basetemp", str(basetemp / "pytest")]
-    peaks = {"memory": 0, "disk": 0}
+    # -v: each finished test is a line "[gw0] ... PASSED tests/...", so the page can say what ran at the peak
+    command = [sys.executable, "-m", "pytest", "tests", "--basetemp", str(basetemp / "pytest"),
+               "--durations=0", "-v"]
+    peaks = {"memory": 0, "disk": 0, "holders": [], "at": 0.0, "finished": []}
     start = time.perf_counter()
     process = subprocess.Popen(command, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     stop = threading.Event()
+    lines: list[str] = []
 
     def sample() -> None:
         while not stop.wait(1.0):
-            peaks["memory"] = max(peaks["memory"], tree_memory_bytes(process.pid))
+            memory, holders = tree_memory(process.pid)
+            if memory > peaks["memory"]:
+                finished = [line for line in lines[-40:] if line.startswith("[gw")]
+                peaks.update(memory=memory, holders=holders, at=time.perf_counter() - start, finished=finished[-4:])
             peaks["disk"] = max(peaks["disk"], folder_bytes(basetemp))
 
     sampler = threading.Thread(target=sample, daemon=True)
     sampler.start()
-    output = process.communicate()[0]
+    for line in process.stdout:
+        lines.append(line.rstrip("\n"))
+        print(line, end="", flush=True)
+    process.wait()
+    output = "\n".join(lines)
     minutes = (time.perf_counter() - start) / 60
     stop.set()
     sampler.join()
     summary = output.strip().splitlines()[-1] if output.strip() else "no output"
-    print(output[-3000:])
+    per_file = seconds_per_file(output)
+    failures = [line for line in lines if line.startswith(("FAILED ", "ERROR "))]
+    disk, memory = peaks["disk"] / 2**30, peaks["memory"] / 2**30
     write_page(PAGE, [
         "# The test suite's cost", "",
         ("Command: `python -m benchmarks.test_suite` (runs `python -m pytest tests`, the README's test command, with "
          "its temporary folder under one measured directory)."), f"Machine: {machine()}.", "",
         "| result | minutes | peak memory (pytest and all it started) | peak disk (its temporary files) |",
         "|---|---|---|---|",
-        f"| {summary.strip('= ')} | {minutes:.1f} | {peaks['memory'] / 2**30:.1f} GB | {peaks['disk'] / 2**30:.2f} GB |",
-        "", ("Memory is the summed proportional set size (shared pages counted once) of pytest and every process it "
+        f"| {summary.strip('= ')} | {minutes:.1f} | {memory:.1f} GB | {disk:.2f} GB |", "",
+        *(["Failed:", "", *(f"- `{line}`" for line in failures), ""] if failures else []),
+        ("Memory is the summed proportional set size (shared pages counted once) of pytest and every process it "
              "started. Sampled once a second; a file written and deleted within a second can be missed."), "",
+        f"At the memory peak ({peaks['at'] / 60:.1f} min in), its largest processes:", "",
+        "| process | memory |", "|---|---|",
+        *(f"| `{holder.replace(str(basetemp), '<basetemp>')}` | {size / 2**30:.2f} GB |"
+          for size, holder in peaks["holders"]), "",
+        "Tests that had just finished then:", "",
+        *(f"- `{line}`" for line in peaks["finished"]), "",
+        "## Where the time goes", "",
+        ("Seconds per test file (setup, call and teardown of its tests, from `--durations=0`), the slowest ten. "
+         "`--dist loadfile` (pyproject's addopts) runs each file on one of the two workers, so no run is shorter "
+         "than its slowest file."), "",
+        "| test file | seconds |", "|---|---|",
+        *(f"| `{path}` | {seconds:.0f} |" for path, seconds in list(per_file.items())[:10]),
+        f"| all files together | {sum(per_file.values()):.0f} |", "",
     ])
+    refresh_readme(readme_line(machine(), summary.strip("= "), f"{minutes:.1f}", f"{memory:.1f} GB", f"{disk:.2f} GB"))
     return process.returncode
 
 

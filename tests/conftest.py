@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import shutil
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -75,3 +76,24 @@ def magnetic_tile() -> Path:
 @pytest.fixture
 def tiny_model_args() -> dict:
     return dict(TINY_MODEL)
+
+
+# ------------------------------------------------------------------ temporary files: a passed test's go at once
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo) -> pytest.TestReport:
+    """Record each phase's report on the test (``item.phase_reports``) for :func:`remove_a_passed_tests_files`."""
+    report = yield
+    item.__dict__.setdefault("phase_reports", {})[call.when] = report
+    return report
+
+
+@pytest.fixture(autouse=True)
+def remove_a_passed_tests_files(request: pytest.FixtureRequest) -> Iterator[None]:
+    """Delete a test's ``tmp_path`` as soon as it passed (pyproject's ``tmp_path_retention_policy = "failed"``
+    deletes them only when the session ends: the checkpoints and exports of 300 tests piled up to 5 GB); a failed
+    test's files stay for reading."""
+    yield
+    tmp_path = getattr(request.node, "funcargs", {}).get("tmp_path")  # set up for this test, if it used one
+    reports = request.node.__dict__.get("phase_reports", {})
+    if tmp_path is not None and reports and all(report.passed for report in reports.values()):
+        shutil.rmtree(tmp_path, ignore_errors=True)

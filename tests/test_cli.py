@@ -157,8 +157,9 @@ def test_int8_export_keeps_the_map_smoothing_in_float(trained_checkpoint: Path, 
     masks = np.stack([resize(Mask(read_mask(truth / image.parent.name / f"{image.stem}_mask.png", as_tensor=True)),
                              [64, 64]).numpy() > 0 if label else np.zeros((64, 64), bool)
                       for image, label in zip(images, labels, strict=True)])
-    predictions = {name: [OpenVINOInferencer(path=path, device="CPU", config=openvino_config("f32")).predict(array)
-                          for array in inputs] for name, path in paths.items()}
+    inferencers = {name: OpenVINOInferencer(path=path, device="CPU", config=openvino_config("f32"))
+                   for name, path in paths.items()}  # compiled once per model, not once per image
+    predictions = {name: [inferencer.predict(array) for array in inputs] for name, inferencer in inferencers.items()}
     maps = {name: np.stack([np.asarray(p.anomaly_map).ravel() for p in outputs])
             for name, outputs in predictions.items()}
     auroc = {name: (roc_auc_score(labels, [float(np.asarray(p.pred_score).ravel()[0]) for p in outputs]),

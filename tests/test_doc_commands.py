@@ -11,7 +11,11 @@ What is added to a command, and why (nothing else is changed):
 - a short budget, through documented options: ``--trainer.limit_*_batches 2`` with batches of 4 and no loader
   worker processes, one epoch per stage (no image cache: two batches read only eight images), 64 px images (for
   CutPaste with 32 px patches and the map smoothing at sigma 4, which fit that size) and, for ISSTAD, a ViT-tiny
-  encoder in place of the paper's ViT-B/L (a CPU would train those for hours);
+  encoder in place of the paper's ViT-B/L (a CPU would train those for hours) and a 64-wide decoder in place of
+  the paper's twelve 512-wide blocks (whose weights and Adam state made each checkpoint ~0.3 GB: three per
+  training, 1 GB of writes, for no property the test checks): one block, or two where ``--model.weights`` name a
+  file, whose stand-in holds one, so that a file decoder shallower than the model's is still loaded and extended
+  as with the official files (8 of 12 blocks, the authors' 6);
   a command whose weights name a timm tag keeps its backbone, since the tag fixes the architecture, and trains
   stage 2 alone with a small decoder (the weights load and train as well; ViT-B's stage-1 optimiser state would
   write gigabytes of checkpoints);
@@ -69,11 +73,14 @@ ISSTAD_BUDGET = ["--model.image_size", "64", "--model.stage1_epochs", "1", "--mo
                  "--model.train_cache_gb", "0"]
 CUTPASTE_BUDGET = ["--model.image_size", "64", "--model.patch_size", "32", "--model.patch_stride", "16",
                    "--model.score_sigma", "4", "--trainer.max_epochs", "1"]
+SMALL_DECODER = ["--model.decoder_embed_dim", "64", "--model.decoder_depth", "1", "--model.decoder_num_heads", "4"]
+FILE_DECODER_DEPTH = 1  # the stand-ins' decoder: 64 wide (as SMALL_DECODER), one block
+FILE_DECODER = ["--model.decoder_embed_dim", "64", "--model.decoder_depth", str(FILE_DECODER_DEPTH + 1),
+                "--model.decoder_num_heads", "4"]  # deeper than the file's: loaded blocks kept, the next one new
 TIMM_TAG = "vit_base_patch16_224.mae"
 # A timm tag fixes the encoder (ViT-B): its weights are proven to load and train through stage 2 alone with a small
 # decoder, without writing ViT-B's stage-1 optimiser state (gigabytes of checkpoints for the same proof).
-TIMM_TAG_BUDGET = ["--model.stage1_epochs", "0", "--model.decoder_embed_dim", "64", "--model.decoder_depth", "1",
-                   "--model.decoder_num_heads", "4"]
+TIMM_TAG_BUDGET = ["--model.stage1_epochs", "0", *SMALL_DECODER]
 
 
 def shell_commands(document: Path) -> list[str]:
@@ -116,6 +123,10 @@ def with_budget(command: str) -> str:
     if words[1] in {"train", "fit"}:
         if model_of(words) == "isstad":
             extra += ISSTAD_BUDGET + (TIMM_TAG_BUDGET if "timm:" in command else ["--model.backbone", "vit_tiny"])
+            if "--model.weights" not in words:  # a small decoder (see the docstring)
+                extra += SMALL_DECODER
+            elif "timm:" not in command:  # a file's decoder: 64 wide like its stand-in, one block deeper
+                extra += FILE_DECODER
         else:
             extra += CUTPASTE_BUDGET + (["--model.pretrained", "false"] if "cutpaste.yaml" in command else [])
     return f"{command} {shlex.join(extra)}"
@@ -123,10 +134,11 @@ def with_budget(command: str) -> str:
 
 # ------------------------------------------------------------------ stand-ins for what the downloads would bring
 def mae_file(path: Path, decoder_depth: int, authors: bool = False) -> None:
-    """An official MAE (or the authors' stage-1) file in its exact key layout, with a ViT-tiny encoder."""
+    """An official MAE (or the authors' stage-1) file in its exact key layout, with a ViT-tiny encoder and, if
+    ``decoder_depth``, a 64-wide decoder of that many blocks (the official files: 512 wide, 8 or 6 blocks)."""
     from tests.models.isstad.test_weights import TINY_DEPTH, TINY_DIM, mae_shapes, random_state, stage1_checkpoint
 
-    state = random_state(mae_shapes(TINY_DIM, TINY_DEPTH, 512 if decoder_depth else None, decoder_depth))
+    state = random_state(mae_shapes(TINY_DIM, TINY_DEPTH, 64 if decoder_depth else None, decoder_depth))
     path.parent.mkdir(parents=True, exist_ok=True)
     torch.save({**stage1_checkpoint(), "model": state} if authors else {"model": state}, path)
 
@@ -151,7 +163,7 @@ def stand_in(command: str, workspace: Path) -> None:
     words = shlex.split(command)
     if words[0] == "curl":
         target = workspace / words[words.index("-o") + 1]
-        mae_file(target, decoder_depth=8 if "visualize" in target.name else 0)
+        mae_file(target, decoder_depth=FILE_DECODER_DEPTH if "visualize" in target.name else 0)
     elif words[:2] == ["hf", "download"]:
         timm_file(workspace / words[words.index("--local-dir") + 1] / words[3])
     else:
@@ -173,7 +185,7 @@ def workspace_for(tmp_path: Path, text: str) -> tuple[Path, dict[str, str]]:
     (tmp_path / "shared" / "data").symlink_to(SHARED_DATA)
     authors = "ISSTAD/saved_models/step1_saved_models/magnetic_tile/checkpoint-0.75.pth"
     if authors in text:  # made by the authors' own code (not downloadable): a stand-in, in their format
-        mae_file(main / authors, 6, authors=True)
+        mae_file(main / authors, FILE_DECODER_DEPTH, authors=True)
     env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",
            "HF_HUB_OFFLINE": "1"}  # nothing may reach for the network
     return main, env
