@@ -174,15 +174,30 @@ def calibrate_on_training_images(network: nn.Module, pre_processor: nn.Module, d
                        "here, so they stay as they were (from the checkpoint, else none).", generator.calibration,
                        generator.image_score)
         return
-    maps, tokens = [], []
+    learn_from(network, *training_maps_and_tokens(network, pre_processor, datamodule, device))
+
+
+def training_maps_and_tokens(network: nn.Module, pre_processor: nn.Module, datamodule: object, device: torch.device,
+                             tokens: bool | None = None) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    """One pass over the training images: their raw score maps ``[N, H, W]`` (None without ``map_calibration``) and
+    encoder patch tokens ``[N * L, D]`` (by default only for the ``features`` image score, else None)."""
+    generator = network.anomaly_map_generator
+    with_tokens = network.feature_memory is not None if tokens is None else tokens
+    maps, latents = [], []
     with torch.no_grad():
         for batch in datamodule.train_dataloader():
             output = network.pixel_outputs(pre_processor.transform(batch.image.to(device)))
             if generator.calibration != "none":
                 maps.append(generator.raw_score_map(output.reconstruction, output.image, output.block_logits))
-            if memory is not None:
-                tokens.append(output.latent[:, 1:].flatten(0, 1).float())
-    if maps:
-        generator.calibrate(torch.cat(maps))
-    if tokens:
-        memory.fit(torch.cat(tokens))
+            if with_tokens:
+                latents.append(output.latent[:, 1:].flatten(0, 1).float())
+    return (torch.cat(maps) if maps else None), (torch.cat(latents) if latents else None)
+
+
+def learn_from(network: nn.Module, maps: torch.Tensor | None, tokens: torch.Tensor | None) -> None:
+    """Set the map calibration from training ``maps`` and the feature memory from training ``tokens``, where the
+    network's scoring uses them (:func:`training_maps_and_tokens`)."""
+    if maps is not None:
+        network.anomaly_map_generator.calibrate(maps)
+    if tokens is not None and network.feature_memory is not None:
+        network.feature_memory.fit(tokens)
