@@ -126,7 +126,10 @@ class ExportedModel:
         if runtime == "openvino":
             from anomalib.deploy import OpenVINOInferencer
 
-            self.inferencer = OpenVINOInferencer(path, device=device, config=openvino_config(precision))
+            from isstad_plugin.signal_stack import keep_signal_stack
+
+            with keep_signal_stack():  # OpenVINO's compiled model must not leave the thread a freed signal stack
+                self.inferencer = OpenVINOInferencer(path, device=device, config=openvino_config(precision))
             shape = self.inferencer.input_blob.get_partial_shape()
             dims = [d.get_length() if d.is_static else None for d in shape]
         elif runtime == "onnxruntime":

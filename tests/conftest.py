@@ -97,3 +97,15 @@ def remove_a_passed_tests_files(request: pytest.FixtureRequest) -> Iterator[None
     reports = request.node.__dict__.get("phase_reports", {})
     if tmp_path is not None and reports and all(report.passed for report in reports.values()):
         shutil.rmtree(tmp_path, ignore_errors=True)
+
+
+# ------------------------------------------------------------------ OpenVINO and the thread's signal stack
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_protocol(item: pytest.Item, nextitem: pytest.Item | None) -> object:
+    """Each test, its fixtures' set-up and tear-down included, gives the main thread back its signal stack: OpenVINO
+    models released in the order they were made leave it on freed memory, and the next child process to exit then
+    kills the test process (isstad_plugin/signal_stack.py; the product's own OpenVINO calls keep it themselves)."""
+    from isstad_plugin.signal_stack import keep_signal_stack
+
+    with keep_signal_stack():
+        return (yield)

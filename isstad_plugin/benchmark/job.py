@@ -88,6 +88,7 @@ def inference_ms(
     import openvino as ov
 
     from isstad_plugin.deploy import openvino_config
+    from isstad_plugin.signal_stack import keep_signal_stack
 
     model.eval()
     with torch.inference_mode():
@@ -95,16 +96,18 @@ def inference_ms(
     core = ov.Core()
     # FP32 named explicitly: on CPUs with BF16 instructions OpenVINO would otherwise compute in BF16.
     config = {"INFERENCE_NUM_THREADS": threads, "PERFORMANCE_HINT": "LATENCY", **openvino_config("f32")}
-    compiled = core.compile_model(ir_path, "CPU", config)
+    with keep_signal_stack():  # OpenVINO's compiled model must not leave the thread a freed signal stack
+        compiled = core.compile_model(ir_path, "CPU", config)
     array = image.numpy()
     openvino_ms = median(time_calls(lambda: compiled(array), repeats, warmup=3)) * 1e3
     return torch_ms, openvino_ms
 
 
-def load_trained(model: Any, source: Path) -> tuple[float, float]:  # noqa: ANN401
+def load_trained(model: Any, source: Path) -> tuple[float, float, float | None]:  # noqa: ANN401
     """Load the network another run trained (its newest ``model.ckpt`` under ``source``) into ``model``; only what a
-    scoring learns at validation (the feature memory) may be missing. Returns that run's training seconds and peak
-    memory (MB), which a rescoring row reports as its own."""
+    scoring learns at validation (the feature memory) may be missing. Returns that run's training seconds, peak
+    memory (MB) and the other processes' load during its training (%, None if unrecorded), which a rescoring row
+    reports as its own (the load: the larger of the two)."""
     result = source / "result.json"
     checkpoints = sorted(source.rglob("model.ckpt"), key=lambda path: path.stat().st_mtime)
     if not result.is_file() or not checkpoints:
@@ -117,7 +120,8 @@ def load_trained(model: Any, source: Path) -> tuple[float, float]:  # noqa: ANN4
                "rescoring run may change scoring options only.")
         raise ValueError(msg)
     row = json.loads(result.read_text())
-    return float(row["train_min"]) * 60, float(row["peak_rss_MB"])
+    load = row.get("other_load_pct")
+    return float(row["train_min"]) * 60, float(row["peak_rss_MB"]), (float(load) if load is not None else None)
 
 
 def run_job(spec: dict[str, Any], work_dir: Path) -> dict[str, Any]:
@@ -139,12 +143,12 @@ def run_job(spec: dict[str, Any], work_dir: Path) -> dict[str, Any]:
     engine = Engine(default_root_dir=work_dir, max_epochs=run["max_epochs"], logger=False, **spec["trainer"])
 
     if run.get("rescores"):  # the trained network of another run, scored with this run's options
-        train_s, source_peak_mb = load_trained(model, Path(spec["rescores_dir"]))
+        train_s, source_peak_mb, source_load = load_trained(model, Path(spec["rescores_dir"]))
         engine.validate(model=model, datamodule=datamodule)  # what the scoring learns; thresholds
     else:
         start = time.perf_counter()
         engine.fit(model=model, datamodule=datamodule)
-        train_s, source_peak_mb = time.perf_counter() - start, 0.0
+        train_s, source_peak_mb, source_load = time.perf_counter() - start, 0.0, None
     anomalib_metrics = engine.test(model=model, datamodule=datamodule)[0]  # at the input size (anomalib's default)
     peak_rss_mb = max(source_peak_mb, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
     metrics = score_module(model, datamodule)  # at each image's original size: the benchmark's figures
@@ -180,6 +184,7 @@ def run_job(spec: dict[str, Any], work_dir: Path) -> dict[str, Any]:
         "seed": spec["seed"],
         "torch": torch.__version__,
         "cpu": cpu_label(),
+        **({"source_other_load_pct": source_load} if run.get("rescores") else {}),
     }
 
 

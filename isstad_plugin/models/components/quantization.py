@@ -30,6 +30,8 @@ import logging
 from collections.abc import Iterable, Iterator
 from typing import TYPE_CHECKING, Any
 
+from isstad_plugin.signal_stack import keep_signal_stack
+
 if TYPE_CHECKING:
     import torch
 
@@ -171,7 +173,8 @@ def quantize_with_accuracy_control(model: Any, datamodule: Any, transformer: boo
     validation = nncf.Dataset(loader)
 
     if metric is None:
-        reference = auroc_on(ov.Core().compile_model(model, "CPU", {"INFERENCE_PRECISION_HINT": "f32"}), loader)
+        with keep_signal_stack():  # OpenVINO's compiled models must not leave the thread a freed signal stack
+            reference = auroc_on(ov.Core().compile_model(model, "CPU", {"INFERENCE_PRECISION_HINT": "f32"}), loader)
         score = WorstAurocDrop(reference)
     else:
         def score(compiled: Any, batches: Iterable) -> float:  # noqa: ANN401
@@ -186,5 +189,6 @@ def quantize_with_accuracy_control(model: Any, datamodule: Any, transformer: boo
                     gt_mask=batch.gt_mask[:, None] if getattr(batch, "gt_mask", None) is not None else None))
             return float(metric.compute())
 
-    return nncf.quantize_with_accuracy_control(model, calibration, validation, score, max_drop=max_drop,
-                                               **quantization_options(model, transformer))
+    with keep_signal_stack():  # NNCF compiles and releases several models here
+        return nncf.quantize_with_accuracy_control(model, calibration, validation, score, max_drop=max_drop,
+                                                   **quantization_options(model, transformer))
