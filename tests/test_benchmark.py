@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import json
 import subprocess
 import sys
 from pathlib import Path
@@ -49,6 +50,10 @@ def test_every_column_of_every_row_is_filled(finished: dict) -> None:
     # a rescoring row: the isstad row's trained network (same maps, same training minutes), another image score
     for column in ("pixel_AUROC", "pixel_AUPRO", "train_min"):
         assert by_model["isstad_features"][column] == by_model["isstad"][column], column
+    # ... and the load its training ran under, where that was the larger (its minutes are that training's)
+    assert float(by_model["isstad_features"]["other_load_pct"]) >= float(by_model["isstad"]["other_load_pct"])
+    trained = json.loads((finished["out"] / "runs" / "isstad" / "magnetic_tile" / "result.json").read_text())
+    assert trained["other_load_pct"] == float(by_model["isstad"]["other_load_pct"])
     for baseline in ("patchcore", "cutpaste"):
         assert by_model[baseline]["pretrained"] == "yes"
         assert by_model[baseline]["backbone"] == "efficientnet_lite0.pypi_in1k"

@@ -57,7 +57,12 @@ def run_row(spec: dict, row_dir: Path, progress: Progress, task: int) -> dict | 
                                f"log: {log_path}[/red]", soft_wrap=True)
         progress.console.print(tail, markup=False, highlight=False, soft_wrap=True)
         return None
-    return {**json.loads(result_path.read_text()), "other_load_pct": other_load.percent}
+    row = json.loads(result_path.read_text())
+    # a rescoring row reports the training it rescores (its minutes): the load then counts too, the larger one
+    loads = [load for load in (other_load.percent, row.pop("source_other_load_pct", None)) if load is not None]
+    row["other_load_pct"] = max(loads) if loads else None
+    result_path.write_text(json.dumps(row, indent=1))  # the whole row, its load included (a rescoring run reads it)
+    return row
 
 
 def missing_data_folders(config: BenchmarkConfig) -> list[str]:
