@@ -171,6 +171,18 @@ def test_costs_are_quoted_from_one_cpu_and_old_csvs_still_resume(tmp_path: Path)
     config = load_config(REPO / "configs/benchmark/tiny.yaml")
     by_key = {row_key(row, config): row for row in rows}
     assert sorted(contended(by_key, config, 5.0)) == [("isstad", "pits", config.seed), ("isstad", "tile", config.seed)]
+    # a summary of some models (a model card's) quotes the CPU the whole table quotes, not the one its rows favour
+    from isstad_plugin.benchmark.report import summary_table
+
+    others = [{**row, "model": "isstad_features", "cpu": "CPU A"} for row in rows * 2]  # A leads among these
+    others += [{**row, "model": "patchcore", "cpu": "CPU B"} for row in rows * 2]  # B leads among all rows
+    metrics = dict.fromkeys(("image_AUROC", "image_F1", "pixel_AUROC", "pixel_F1", "pixel_AUPRO"), 0.5)
+    table = [{**row, **metrics, "train_min": 1.0 if row["cpu"] == "CPU B" else 50.0, "openvino_ms": 2.0,
+              "peak_rss_MB": 3000.0} for row in [*rows, *others]]
+    card = summary_table(table, ["isstad", "isstad_features"])
+    isstad = [line for line in card.splitlines() if line.startswith("| isstad |")]
+    train_minutes = [line.split("|")[7].strip() for line in isstad]  # the mean and the 3 categories
+    assert train_minutes == ["1", "1", "1", "1"], card  # CPU B's runs
     legacy = tmp_path / "results.csv"
     legacy.write_text(",".join(LEGACY_COLUMNS) + "\n" + ",".join("1" for _ in LEGACY_COLUMNS) + "\n")
     assert read_rows(legacy)[0]["cpu"] == ""  # written before rows named their CPU: unknown, not refused

@@ -111,11 +111,11 @@ def main_cpu(rows: Sequence[dict[str, object]]) -> str:
     return max(dict.fromkeys(cpus), key=cpus.count) if cpus else ""
 
 
-def quietest_runs(rows: Sequence[dict[str, object]]) -> list[dict[str, object]]:
+def quietest_runs(rows: Sequence[dict[str, object]], cpu: str | None = None) -> list[dict[str, object]]:
     """Per (model, category), in first-seen order, the run whose times and memory the tables quote: among its runs on
-    the CPU most rows ran on (:func:`main_cpu`; any CPU where it has none there), the one that shared the machine
-    least (lowest ``other_load_pct``; the first run where none was measured)."""
-    cpu = main_cpu(rows)
+    ``cpu`` (default: the CPU most rows ran on, :func:`main_cpu`; any CPU where it has none there), the one that
+    shared the machine least (lowest ``other_load_pct``; the first run where none was measured)."""
+    cpu = main_cpu(rows) if cpu is None else cpu
     best: dict[tuple[str, str], dict[str, object]] = {}
     for row in rows:
         key = (str(row["model"]), str(row["category"]))
@@ -147,10 +147,11 @@ def summary_table(rows: Sequence[dict[str, object]], models: Sequence[str] | Non
     categories).
     ``models`` keeps only those models."""
     categories = list(dict.fromkeys(str(row["category"]) for row in rows))
+    cpu = main_cpu(rows)  # of every row: a table of some models quotes their costs as the full table does
     rows = [row for row in rows if models is None or row["model"] in models]
     merged = aggregate(rows)
     several = any(not str(row["seeds"]).startswith("1 ") for row in merged)
-    first_runs = {(str(row["model"]), str(row["category"])): row for row in quietest_runs(rows)}
+    first_runs = {(str(row["model"]), str(row["category"])): row for row in quietest_runs(rows, cpu)}
 
     def costs(model: str, category: str) -> list[str]:
         runs = [run for (m, c), run in first_runs.items() if m == model and category in (c, MEAN_LABEL)]
