@@ -4,10 +4,13 @@ from __future__ import annotations
 
 import os
 import shutil
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+
+from tests.warm_commands import WarmCommands
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -76,6 +79,23 @@ def magnetic_tile() -> Path:
 @pytest.fixture
 def tiny_model_args() -> dict:
     return dict(TINY_MODEL)
+
+
+def command_env() -> dict[str, str]:
+    """The environment console commands run in: this interpreter's scripts first on PATH, and the Hub offline
+    (nothing may reach for the network)."""
+    return {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",
+            "HF_HUB_OFFLINE": "1"}
+
+
+@pytest.fixture(scope="session")
+def warm() -> Iterator[WarmCommands]:
+    """One warm interpreter per test worker for the ``anomalib`` and ``isstad-predict`` commands of every test file
+    (:mod:`tests.warm_commands`: each command a real forked process, without 6.5 s of imports). Tests of what a fresh
+    interpreter does (the start-up hook, the first screen's warnings) start the real console script instead."""
+    server = WarmCommands(command_env())
+    yield server
+    server.close()
 
 
 # ------------------------------------------------------------------ temporary files: a passed test's go at once

@@ -1,7 +1,9 @@
-"""The installed package through the real ``anomalib`` console command and fresh interpreters."""
+"""The installed package through the real ``anomalib`` console command: fresh interpreters where the start-up
+hook or the first screen is checked, processes forked from a warm interpreter elsewhere."""
 
 from __future__ import annotations
 
+import itertools
 import json
 import re
 import subprocess
@@ -10,7 +12,8 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import TINY_MODEL
+from tests.conftest import TINY_MODEL, command_env
+from tests.warm_commands import WarmCommands
 
 BIN = Path(sys.executable).parent
 MODEL_FLAGS = [arg for key, value in TINY_MODEL.items() for arg in (f"--model.{key}", str(value))]
@@ -20,6 +23,19 @@ def run(*command: str | Path, cwd: Path | None = None, timeout: int = 300) -> su
     result = subprocess.run([str(c) for c in command], capture_output=True, text=True, cwd=cwd, timeout=timeout,
                             check=False)
     assert result.returncode == 0, f"{command} failed:\n{result.stdout[-3000:]}\n{result.stderr[-3000:]}"
+    return result
+
+
+COMMAND_NUMBER = itertools.count()
+
+
+def warm_anomalib(warm: WarmCommands, *arguments: str | Path, cwd: Path) -> subprocess.CompletedProcess:
+    """``anomalib *arguments`` in a process forked from the warm interpreter (``tests/warm_commands.py``), for tests of
+    what a command does; it must succeed. Tests of what a fresh interpreter does (the start-up hook, the first
+    screen) start the installed console script with :func:`run`."""
+    argv = ["anomalib", *map(str, arguments)]
+    result = warm.run(argv, cwd, command_env(), cwd / "output" / str(next(COMMAND_NUMBER)))
+    assert result.returncode == 0, f"{argv} failed:\n{result.stdout[-3000:]}\n{result.stderr[-3000:]}"
     return result
 
 
@@ -101,14 +117,14 @@ def printed_metrics(output: str) -> dict[str, float]:
     return {name: float(value) for name, value in re.findall(r"│\s*(\w+_\w+)\s*│\s*([-0-9.e]+)\s*│", output)}
 
 
-def test_seed_everything_takes_effect_for_our_models(tile_root: Path, tmp_path: Path) -> None:
+def test_seed_everything_takes_effect_for_our_models(tile_root: Path, tmp_path: Path, warm: WarmCommands) -> None:
     """anomalib 2.7 parses seed_everything but never applies it; with our models it is applied: the same seed
     gives the same metrics (MAE masks, crops and corruption all follow it), another seed other metrics."""
     def train(seed: int, name: str) -> dict[str, float]:
-        result = run(BIN / "anomalib", "train", "--model", "isstad", *MODEL_FLAGS, "--model.stage1_epochs", "1",
-                     "--model.stage2_epochs", "1", *data_flags(tile_root), "--trainer.accelerator", "cpu",
-                     "--trainer.enable_progress_bar", "false", "--seed_everything", str(seed),
-                     "--default_root_dir", tmp_path / name, cwd=tmp_path)
+        result = warm_anomalib(warm, "train", "--model", "isstad", *MODEL_FLAGS, "--model.stage1_epochs", "1",
+                               "--model.stage2_epochs", "1", *data_flags(tile_root), "--trainer.accelerator", "cpu",
+                               "--trainer.enable_progress_bar", "false", "--seed_everything", str(seed),
+                               "--default_root_dir", tmp_path / name, cwd=tmp_path)
         metrics = printed_metrics(result.stdout)
         assert set(metrics) >= {"image_AUROC", "pixel_AUROC", "pixel_AUPRO"}, result.stdout[-2000:]
         return metrics
@@ -118,8 +134,8 @@ def test_seed_everything_takes_effect_for_our_models(tile_root: Path, tmp_path: 
     assert first != other
 
 
-def test_int8_export_keeps_the_map_smoothing_in_float(trained_checkpoint: Path, tile_root: Path,
-                                                      tmp_path: Path) -> None:
+def test_int8_export_keeps_the_map_smoothing_in_float(trained_checkpoint: Path, tile_root: Path, tmp_path: Path,
+                                                      warm: WarmCommands) -> None:
     """``anomalib export --compression_type INT8_PTQ`` with a datamodule: the graph is quantized (FakeQuantize before
     the network's matrix products) except the single-channel smoothing convolutions, and its anomaly maps follow the
     FP32 export's. ``INT8_ACQ`` keeps image and pixel AUROC on the validation images (here the test images:
@@ -137,8 +153,8 @@ def test_int8_export_keeps_the_map_smoothing_in_float(trained_checkpoint: Path, 
     paths = {}
     for name, extra in (("fp32", []), ("int8", ["--compression_type", "INT8_PTQ", *data_flags(tile_root)]),
                         ("acq", ["--compression_type", "INT8_ACQ", *data_flags(tile_root)])):
-        result = run(BIN / "anomalib", "export", "--model", "isstad", "--ckpt_path", trained_checkpoint,
-                     "--export_type", "openvino", "--default_root_dir", tmp_path / name, *extra)
+        result = warm_anomalib(warm, "export", "--model", "isstad", "--ckpt_path", trained_checkpoint,
+                               "--export_type", "openvino", "--default_root_dir", tmp_path / name, *extra, cwd=tmp_path)
         paths[name] = tmp_path / name / "weights" / "openvino" / "model.xml"
     # anomalib's export substitutes image F1 for a missing metric; ours bounds both AUROCs instead
     assert "INT8_ACQ: bounding image and pixel AUROC" in result.stdout + result.stderr

@@ -45,19 +45,17 @@ every command (no placeholders, known programs, the configs and data folders a c
 from __future__ import annotations
 
 import itertools
-import os
 import re
 import shlex
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 import torch
 
-from tests.conftest import REPO, SHARED_DATA
+from tests.conftest import REPO, SHARED_DATA, command_env
 from tests.warm_commands import PROGRAMS as WARM_PROGRAMS
 from tests.warm_commands import WarmCommands
 
@@ -186,9 +184,7 @@ def workspace_for(tmp_path: Path, text: str) -> tuple[Path, dict[str, str]]:
     authors = "ISSTAD/saved_models/step1_saved_models/magnetic_tile/checkpoint-0.75.pth"
     if authors in text:  # made by the authors' own code (not downloadable): a stand-in, in their format
         mae_file(main / authors, FILE_DECODER_DEPTH, authors=True)
-    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",
-           "HF_HUB_OFFLINE": "1"}  # nothing may reach for the network
-    return main, env
+    return main, command_env()
 
 
 def said_paths(output: str) -> list[Path]:
@@ -222,16 +218,6 @@ def expand(command: str, variables: dict[str, str]) -> str:
 
 
 SHELL_SYNTAX = re.compile(r"[|;&<>`*?]|\$\(")
-
-
-@pytest.fixture(scope="module")
-def warm(tmp_path_factory: pytest.TempPathFactory) -> Iterator[WarmCommands]:
-    """One warm interpreter for every document's ``anomalib`` and ``isstad-predict`` commands (see
-    :mod:`tests.warm_commands`), in the environment ``workspace_for`` gives every command."""
-    _, env = workspace_for(tmp_path_factory.mktemp("warm"), "")
-    server = WarmCommands(env)
-    yield server
-    server.close()
 
 
 @pytest.mark.doc_commands

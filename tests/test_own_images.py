@@ -6,17 +6,14 @@ and with defective images and masks. Plus the ``Folder`` layout checks, each fai
 from __future__ import annotations
 
 import csv
-import os
 import re
-import sys
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 from PIL import Image
 
 from isstad_plugin.data_checks import DataCheckError, check_folder_layout
-from tests.conftest import shared_category
+from tests.conftest import command_env, shared_category
 from tests.warm_commands import WarmCommands
 
 TINY = {
@@ -63,18 +60,8 @@ def new_images(root: Path) -> Path:
     return folder
 
 
-@pytest.fixture(scope="module")
-def warm(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[WarmCommands, dict[str, str]]]:
-    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",
-           "HF_HUB_OFFLINE": "1"}
-    server = WarmCommands(env)
-    yield server, env
-    server.close()
-
-
-def run(warm: tuple[WarmCommands, dict[str, str]], argv: list[str], cwd: Path, name: str) -> str:
-    server, env = warm
-    result = server.run(argv, cwd, env, cwd / "output" / name)
+def run(warm: WarmCommands, argv: list[str], cwd: Path, name: str) -> str:
+    result = warm.run(argv, cwd, command_env(), cwd / "output" / name)
     output = result.stdout + result.stderr
     assert result.returncode == 0, f"{argv}\n{output[-4000:]}"
     return output
@@ -82,7 +69,7 @@ def run(warm: tuple[WarmCommands, dict[str, str]], argv: list[str], cwd: Path, n
 
 @pytest.mark.parametrize(("model", "with_defects"), [("isstad", True), ("cutpaste", False)])
 def test_from_a_folder_of_parts_to_predictions(model: str, with_defects: bool, tmp_path: Path,
-                                               warm: tuple[WarmCommands, dict[str, str]]) -> None:
+                                               warm: WarmCommands) -> None:
     parts = own_parts(tmp_path)
     data = ["--data", "anomalib.data.Folder", "--data.name", "parts", "--data.root", str(parts),
             "--data.normal_dir", "good", "--data.train_batch_size", "4", "--data.eval_batch_size", "4",
