@@ -181,6 +181,7 @@ def hub_weights_available(model_name: str, timeout: float = 3.0) -> bool:
     """
     from timm.models import get_pretrained_cfg
 
+    ensure_offline_backbone(model_name)  # our offline tags are registered when first built: here too
     try:
         cfg = get_pretrained_cfg(model_name, allow_unregistered=False)
     except RuntimeError:

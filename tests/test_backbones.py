@@ -171,6 +171,19 @@ def test_registration_converts_once_into_the_cache(tmp_path: Path, monkeypatch: 
         register_offline_backbones()  # back to the default cache for later tests in this process
 
 
+def test_the_offline_tag_is_available_before_anything_built_it() -> None:
+    """A fresh process asking first (the benchmark's and the tests' check, before any backbone is built) gets True:
+    the tag is registered on demand, not only when CutPaste or a benchmark row built it earlier."""
+    import subprocess
+    import sys
+
+    code = ("from isstad_plugin.backbones import OFFLINE_EFFICIENTNET, hub_weights_available; "
+            "print(hub_weights_available(OFFLINE_EFFICIENTNET))")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=False,
+                            env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    assert result.stdout.strip() == "True", result.stdout + result.stderr[-2000:]
+
+
 @pytest.fixture
 def empty_hf_cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     from huggingface_hub import constants
