@@ -15,6 +15,7 @@ Example:
 
 from __future__ import annotations
 
+import inspect
 import logging
 import os
 import shutil
@@ -114,10 +115,19 @@ class SafeFilesMixin:
 
     def to_openvino(self, export_root: str | Path, *args: Any, **kwargs: Any) -> Path:  # noqa: ANN401
         """anomalib's ``to_openvino``, written atomically; with INT8 compression, the calibration datamodule's images
-        are resized as the model's pre-processor does (the exported graph has the training size)."""
-        if kwargs.get("compression_type") is not None and kwargs.get("datamodule") is not None:
-            resize_like(kwargs["datamodule"], getattr(self, "pre_processor", None))
-        return export_atomically(super().to_openvino, export_root, *args, **kwargs)
+        are resized as the model's pre-processor does (the exported graph has the training size).
+
+        The ONNX file it converts is an intermediate, so the ONNX exporter's own graph optimiser (onnxscript's
+        rewrite passes) is skipped unless ``onnx_kwargs`` asks for it: OpenVINO's conversion and compilation optimise
+        the graph themselves (``docs/benchmarks/openvino-export.md``: export time, and the OpenVINO model's latency and
+        outputs, both ways). An ``--export_type onnx`` file, the deliverable itself, is still optimised.
+        """
+        arguments = inspect.signature(super().to_openvino).bind_partial(export_root, *args, **kwargs).arguments
+        arguments["onnx_kwargs"] = {"optimize": False, **(arguments.get("onnx_kwargs") or {})}
+        if arguments.get("compression_type") is not None and arguments.get("datamodule") is not None:
+            resize_like(arguments["datamodule"], getattr(self, "pre_processor", None))
+        del arguments["export_root"]
+        return export_atomically(super().to_openvino, export_root, **arguments)
 
     # anomalib 2.7's ExportMixin runs --compression_type int8_ptq / int8_acq through these two static methods
     def _post_training_quantization_ov(self, model: Any, datamodule: Any = None) -> Any:  # noqa: ANN401
