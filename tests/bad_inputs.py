@@ -78,6 +78,7 @@ class Case:
     expect: str  # regex the last TAIL_LINES lines must match (whitespace-normalised)
     leftovers: Callable[[Path], list[Path]] = field(default=lambda work: [])  # what must not exist afterwards
     env: dict[str, str] = field(default_factory=dict)
+    file_size_limit: int | None = None  # bytes: files may not grow larger (writes fail part-way, as on a full disk)
 
 
 def _checkpoints(work: Path) -> list[Path]:
@@ -327,8 +328,8 @@ def _unwritable_output(work: Path) -> list[str]:
 
 
 def with_file_size_limit(command: list[str], limit: int) -> list[str]:
-    """``anomalib`` ``command`` in a process that may not write files over ``limit`` bytes: writes then fail
-    part-way with ``EFBIG``, as they would on a full disk."""
+    """``anomalib`` ``command`` in a fresh process that may not write files over ``limit`` bytes: writes then fail
+    part-way with ``EFBIG``, as they would on a full disk (a warm server's child sets the same limit itself)."""
     code = ("import resource, signal, sys; signal.signal(signal.SIGXFSZ, signal.SIG_IGN); "
             f"resource.setrlimit(resource.RLIMIT_FSIZE, ({limit}, {limit})); "
             "from anomalib.cli.cli import main; sys.argv = sys.argv[1:]; main()")
@@ -336,16 +337,15 @@ def with_file_size_limit(command: list[str], limit: int) -> list[str]:
 
 
 def _disk_full(work: Path) -> list[str]:
-    # a checkpoint is ~20 MB
-    return with_file_size_limit(train(make_slice(work / "data", 4, 1, {"crack": 1}), work / "out"), 200_000)
+    # a checkpoint is ~20 MB; the case's file_size_limit is 200 kB
+    return train(make_slice(work / "data", 4, 1, {"crack": 1}), work / "out")
 
 
 def _export_interrupted(work: Path) -> list[str]:
-    # the weights are ~20 MB: the export fails part-way, as on a full disk
+    # the weights are ~20 MB, the case's file_size_limit 1 MB: the export fails part-way, as on a full disk
     checkpoint = tiny_checkpoint(work / "model.ckpt")
-    command = ["anomalib", "export", "--model", "isstad", *MODEL_FLAGS, "--ckpt_path", str(checkpoint),
-               "--export_type", "openvino", "--default_root_dir", str(work / "export")]
-    return with_file_size_limit(command, 1_000_000)
+    return [str(BIN / "anomalib"), "export", "--model", "isstad", *MODEL_FLAGS, "--ckpt_path", str(checkpoint),
+            "--export_type", "openvino", "--default_root_dir", str(work / "export")]
 
 
 def _partial_export(work: Path) -> list[Path]:
@@ -430,9 +430,10 @@ CASES: list[Case] = [
     Case("output-unwritable", "`--default_root_dir` cannot be created (anomalib's own message)", _unwritable_output,
          r"Not a directory: .*results/out", leftovers=_checkpoints),
     Case("disk-full", "the disk fills while a checkpoint is written", _disk_full,
-         r"\.ckpt.*(disk|File too large)", leftovers=_checkpoints),
+         r"\.ckpt.*(disk|File too large)", leftovers=_checkpoints, file_size_limit=200_000),
     Case("export-interrupted", "`anomalib export` fails part-way (the disk fills)", _export_interrupted,
-         r"Export into <work>/export failed.*nothing was written there", leftovers=_partial_export),
+         r"Export into <work>/export failed.*nothing was written there", leftovers=_partial_export,
+         file_size_limit=1_000_000),
     Case("predict-output-used", "`isstad-predict` into a folder that holds an earlier run", _predict_into_used_folder,
          r"overlays.*--overwrite"),
     Case("predict-model-missing", "`isstad-predict` with a model file that does not exist", _predict_missing_model,
@@ -484,8 +485,11 @@ def run_case(case: Case, work: Path, timeout: int = 300, warm: WarmCommands | No
     start = time.perf_counter()
     program = Path(command[0])
     if warm is not None and not case.env and program.parent == BIN and program.name in WARM_PROGRAMS:
-        result = warm.run([program.name, *command[1:]], work, env, work.with_name(f"{work.name}-output"), timeout)
+        result = warm.run([program.name, *command[1:]], work, env, work.with_name(f"{work.name}-output"), timeout,
+                          case.file_size_limit)
     else:
+        if case.file_size_limit is not None:
+            command = with_file_size_limit(command, case.file_size_limit)
         result = subprocess.run(command, capture_output=True, text=True, cwd=work, env=env, timeout=timeout,
                                 check=False)
     seconds = time.perf_counter() - start

@@ -1,11 +1,12 @@
-"""``isstad-benchmark`` end to end: the real console command on a small real slice, all three models."""
+"""``isstad-benchmark`` end to end: the real console command on a small real slice, all three models (each command a
+child of the test worker's warm interpreter, :mod:`tests.warm_commands`; every row still its own fresh process)."""
 
 from __future__ import annotations
 
 import csv
+import itertools
 import json
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -14,22 +15,26 @@ from isstad_plugin.benchmark import load_config
 from isstad_plugin.benchmark.config import spec_hash
 from isstad_plugin.benchmark.main import current_rows
 from isstad_plugin.benchmark.report import COLUMNS, HAND_WRITTEN_MARKER, read_rows
+from tests.conftest import command_env
+from tests.warm_commands import WarmCommands
 
 REPO = Path(__file__).resolve().parents[1]
-BENCHMARK = Path(sys.executable).parent / "isstad-benchmark"
+COMMAND_NUMBER = itertools.count()
 
 
-def run_benchmark(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([str(BENCHMARK), "-c", str(REPO / "configs/benchmark/tiny.yaml"), *args],
-                          capture_output=True, text=True, timeout=900, cwd=REPO, check=False)
+def run_benchmark(warm: WarmCommands, output_dir: Path, *args: str) -> subprocess.CompletedProcess:
+    """``isstad-benchmark -c configs/benchmark/tiny.yaml ARGS`` in the checkout; its output captured under
+    ``output_dir``."""
+    return warm.run(["isstad-benchmark", "-c", str(REPO / "configs/benchmark/tiny.yaml"), *args], REPO, command_env(),
+                    output_dir / f"command-{next(COMMAND_NUMBER)}", timeout=900)
 
 
 @pytest.fixture(scope="module")
-def finished(tile_root: Path, tmp_path_factory: pytest.TempPathFactory) -> dict:
+def finished(tile_root: Path, tmp_path_factory: pytest.TempPathFactory, warm: WarmCommands) -> dict:
     out = tmp_path_factory.mktemp("bench")
     page = out / "published" / "page.md"
     args = (f"data.init_args.root={tile_root}", f"output_dir={out / 'run'}", "--publish", str(page))
-    result = run_benchmark(*args)
+    result = run_benchmark(warm, out, *args)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     return {"out": out / "run", "page": page, "args": args, "stdout": result.stdout}
 
@@ -70,40 +75,41 @@ def test_outputs_markdown_chart_and_published_page(finished: dict) -> None:
     assert page.with_suffix(".csv").read_text() == (finished["out"] / "results.csv").read_text()
 
 
-def test_rerun_keeps_finished_rows_and_hand_written_text(finished: dict) -> None:
+def test_rerun_keeps_finished_rows_and_hand_written_text(finished: dict, warm: WarmCommands, tmp_path: Path) -> None:
     page, before = finished["page"], (finished["out"] / "results.csv").read_text()
     page.write_text(page.read_text() + "Discussion written by hand.\n")
-    result = run_benchmark(*finished["args"])
+    result = run_benchmark(warm, tmp_path, *finished["args"])
     assert result.returncode == 0, result.stdout[-3000:]
     assert result.stdout.count("kept ") == 4
     assert (finished["out"] / "results.csv").read_text() == before
     assert page.read_text().endswith("Discussion written by hand.\n")
 
 
-def test_a_fresh_checkout_resumes_from_the_published_csv(finished: dict, tmp_path: Path) -> None:
+def test_a_fresh_checkout_resumes_from_the_published_csv(finished: dict, tmp_path: Path, warm: WarmCommands) -> None:
     # Another machine: no results folder, only the committed page and its CSV; nothing is trained again.
     page = tmp_path / "page.md"
     for suffix in (".md", ".csv"):
         page.with_suffix(suffix).write_text(finished["page"].with_suffix(suffix).read_text())
     args = [arg for arg in finished["args"] if not arg.startswith(("output_dir=", "--publish"))
             and arg != str(finished["page"])]
-    result = run_benchmark(*args, f"output_dir={tmp_path / 'fresh'}", "--publish", str(page))
+    result = run_benchmark(warm, tmp_path, *args, f"output_dir={tmp_path / 'fresh'}", "--publish", str(page))
     assert result.returncode == 0, result.stdout[-3000:]
     assert result.stdout.count("kept ") == 4
     assert (tmp_path / "fresh" / "results.csv").read_text() == finished["page"].with_suffix(".csv").read_text()
 
 
-def test_a_failed_row_is_reported_and_not_written(tile_root: Path, tmp_path: Path) -> None:
+def test_a_failed_row_is_reported_and_not_written(tile_root: Path, tmp_path: Path, warm: WarmCommands) -> None:
     # 60 px is not a multiple of the 16 px patches: the model refuses it when the row's job builds it.
-    result = run_benchmark(f"data.init_args.root={tile_root}", f"output_dir={tmp_path / 'out'}",
+    result = run_benchmark(warm, tmp_path, f"data.init_args.root={tile_root}", f"output_dir={tmp_path / 'out'}",
                            "runs.0.model.init_args.image_size=60", "--only", "isstad")
     assert result.returncode == 1
     assert "isstad/magnetic_tile failed" in result.stdout and "image_size" in result.stdout
     assert (tmp_path / "out" / "results.csv").read_text().strip().splitlines() == [",".join(COLUMNS)]
 
 
-def test_a_missing_data_folder_fails_before_any_row(tmp_path: Path) -> None:
-    result = run_benchmark(f"data.init_args.root={tmp_path / 'missing'}", f"output_dir={tmp_path / 'out'}")
+def test_a_missing_data_folder_fails_before_any_row(tmp_path: Path, warm: WarmCommands) -> None:
+    result = run_benchmark(warm, tmp_path, f"data.init_args.root={tmp_path / 'missing'}",
+                           f"output_dir={tmp_path / 'out'}")
     assert result.returncode == 2
     assert str(tmp_path / "missing" / "magnetic_tile") in result.stderr
     assert not (tmp_path / "out").exists()

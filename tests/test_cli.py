@@ -78,13 +78,13 @@ def test_model_spellings_resolve_in_the_cli(spelling: str, tile_root: Path) -> N
 
 
 def test_an_option_that_disagrees_with_the_checkpoint_fails_in_one_line(trained_checkpoint: Path, tile_root: Path,
-                                                                       tmp_path: Path) -> None:
+                                                                       tmp_path: Path, warm: WarmCommands) -> None:
     """The checkpoint provides every option (the README's test/predict/export lines rely on it and run in
     ``tests/test_doc_commands.py``); an option given with another value fails, its last line naming both values."""
-    result = subprocess.run([str(BIN / "anomalib"), "test", "--model", "isstad", "--model.image_size", "96",
-                             "--ckpt_path", str(trained_checkpoint), *map(str, data_flags(tile_root)),
-                             "--trainer.accelerator", "cpu", "--default_root_dir", str(tmp_path / "conflict")],
-                            capture_output=True, text=True, timeout=300, check=False)
+    result = warm.run(["anomalib", "test", "--model", "isstad", "--model.image_size", "96", "--ckpt_path",
+                       str(trained_checkpoint), *map(str, data_flags(tile_root)), "--trainer.accelerator", "cpu",
+                       "--default_root_dir", str(tmp_path / "conflict")], tmp_path, command_env(), tmp_path / "output",
+                      timeout=300)
     assert result.returncode != 0
     last = (result.stdout + result.stderr).strip().splitlines()[-1]
     assert "trained with image_size=64 (given: 96)" in last, last

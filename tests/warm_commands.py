@@ -7,8 +7,10 @@ imports all of that once; each command then runs in a child forked from it: a re
 environment, argv, output files and exit status, running the installed console script's entry point exactly as the
 script would (``sys.exit(main())``), start-up hook included (it ran when the server imported anomalib).
 
-Protocol (one JSON object per line): the test sends ``{"argv", "cwd", "env", "stdout", "stderr", "timeout"}``,
-the server forks, waits (killing the child after ``timeout`` seconds) and answers ``{"returncode"}``. Anything
+Protocol (one JSON object per line): the test sends ``{"argv", "cwd", "env", "stdout", "stderr", "timeout"}`` and
+optionally ``"file_size_limit"`` (bytes: the child may not write files larger, as ``RLIMIT_FSIZE`` with ``SIGXFSZ``
+ignored, so writes fail part-way as on a full disk), the server forks, waits (killing the child after ``timeout``
+seconds) and answers ``{"returncode"}``. Anything
 other than a plain command of a known console script runs through ``bash`` as before (see
 ``tests/test_doc_commands.py``).
 """
@@ -24,7 +26,7 @@ import time
 from importlib.metadata import entry_points
 from pathlib import Path
 
-PROGRAMS = ("anomalib", "isstad-predict")
+PROGRAMS = ("anomalib", "isstad-predict", "isstad-benchmark")
 
 
 def _entry_point(program: str):  # the console script's function
@@ -44,6 +46,12 @@ def _run_child(request: dict) -> None:
             os.dup2(target, fd)
             os.close(target)
         os.dup2(os.open(os.devnull, os.O_RDONLY), 0)
+        if request.get("file_size_limit") is not None:
+            import resource
+
+            signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+            limit = int(request["file_size_limit"])
+            resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
         sys.argv = [str(Path(sys.executable).parent / request["argv"][0]), *request["argv"][1:]]
         try:
             sys.exit(_entry_point(request["argv"][0])())  # what the console script does
@@ -73,6 +81,11 @@ def serve() -> None:
     import anomalib.cli.cli  # noqa: F401  (the imports every command would pay for)
 
     import isstad_plugin.deploy  # noqa: F401
+
+    # what every export imports on first use (torch.export and the ONNX exporter, ~900 modules, 1-2 s per export)
+    import networkx  # noqa: F401
+    import onnxscript  # noqa: F401
+    import torch.export  # noqa: F401
 
     for program in PROGRAMS:
         _entry_point(program)
@@ -107,17 +120,18 @@ class WarmCommands:
             msg = "the warm command server did not start (run `python -m tests.warm_commands` to see why)"
             raise RuntimeError(msg)
 
-    def run(self, argv: list[str], cwd: Path, env: dict[str, str], output_dir: Path,
-            timeout: float = 600) -> subprocess.CompletedProcess:
+    def run(self, argv: list[str], cwd: Path, env: dict[str, str], output_dir: Path, timeout: float = 600,
+            file_size_limit: int | None = None) -> subprocess.CompletedProcess:
         """Run ``argv`` (its program one of :data:`PROGRAMS`) in ``cwd``, killed after ``timeout`` seconds (status
-        -9); its output is captured as text (files under ``output_dir``)."""
+        -9), writing no file over ``file_size_limit`` bytes if given; its output is captured as text (files under
+        ``output_dir``)."""
         if argv[0] not in PROGRAMS:
             msg = f"{argv[0]} is not one of {PROGRAMS}"
             raise ValueError(msg)
         output_dir.mkdir(parents=True, exist_ok=True)
         stdout, stderr = output_dir / "stdout.txt", output_dir / "stderr.txt"
         request = {"argv": argv, "cwd": str(cwd), "env": env, "stdout": str(stdout), "stderr": str(stderr),
-                   "timeout": timeout}
+                   "timeout": timeout, "file_size_limit": file_size_limit}
         self.server.stdin.write(json.dumps(request) + "\n")
         self.server.stdin.flush()
         answer = json.loads(self.server.stdout.readline())
