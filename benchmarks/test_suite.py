@@ -3,16 +3,20 @@
     python -m benchmarks.test_suite            # runs `python -m pytest tests` as the README says; see the page for how long
     python -m benchmarks.test_suite --readme   # only rewrites the README's line from the page as it stands
 
-Samples every few seconds (``SAMPLE_SECONDS``), while the suite runs: the memory of the pytest process and all its descendants together
+Runs the suite twice. The first run is timed alone: its minutes and every test's duration (``--durations=0``, summed
+per test file) are the page's. The second is sampled every few seconds (``SAMPLE_SECONDS``) for the peaks, since the
+sampling competes with the suite for the cores: the memory of the pytest process and all its descendants together
 (summed proportional set sizes, so libraries they share count once: the test workers and the commands they start), and the bytes under pytest's temporary folder (its
-``basetemp``, set to a fresh folder: every ``tmp_path`` of the suite lives there), and every test's duration
-(``--durations=0``), summed per test file: with ``--dist loadfile`` each file runs on one worker, so the slowest file
-bounds the suite. Writes ``docs/benchmarks/test-suite.md`` and the one-line summary between the README's
+``basetemp``, set to a fresh folder: every ``tmp_path`` of the suite lives there). With ``--dist loadfile`` each file
+runs on one worker, so the slowest file bounds the suite; the seconds of every file go to
+``docs/benchmarks/test-suite-files.csv``, the order in which ``tests/conftest.py`` hands files to the workers (longest
+first). Writes ``docs/benchmarks/test-suite.md`` and the one-line summary between the README's
 ``<!-- test-suite-summary -->`` markers. Run it on a quiet machine: other processes slow the suite down.
 """
 
 from __future__ import annotations
 
+import csv
 import os
 import re
 import subprocess
@@ -25,6 +29,7 @@ from pathlib import Path
 from benchmarks.common import DOCS, REPO, machine, write_page
 
 PAGE = DOCS / "test-suite.md"
+FILE_SECONDS = DOCS / "test-suite-files.csv"  # read by tests/conftest.py (pytest_collection_modifyitems)
 README = REPO / "README.md"
 # Sampling reads every process's memory map summary and walks the temporary folder, which competes with the suite
 # for the two cores: every few seconds is enough for the peaks, and the page reports what the sampling itself cost.
@@ -120,55 +125,81 @@ def readme_from_page() -> int:
     return 0
 
 
-def main() -> int:
-    if "--readme" in sys.argv[1:]:
-        return readme_from_page()
-    basetemp = Path(tempfile.mkdtemp(prefix="suite-"))
+def run_suite(basetemp: Path, sample: bool) -> tuple[list[str], float, dict]:
+    """``python -m pytest tests`` with its temporary folder under ``basetemp``: its output lines, its minutes and,
+    when ``sample``, the peaks of memory and disk (every ``SAMPLE_SECONDS``) and the sampler's own CPU seconds."""
     # -v: each finished test is a line "[gw0] ... PASSED tests/...", so the page can say what ran at the peak
     command = [sys.executable, "-m", "pytest", "tests", "--basetemp", str(basetemp / "pytest"),
                "--durations=0", "-v"]
-    peaks = {"memory": 0, "disk": 0, "holders": [], "at": 0.0, "finished": []}
+    peaks = {"memory": 0, "disk": 0, "holders": [], "at": 0.0, "finished": [], "sampler_cpu": 0.0}
     start = time.perf_counter()
     process = subprocess.Popen(command, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     stop = threading.Event()
     lines: list[str] = []
 
-    sampler_cpu = [0.0]
-
-    def sample() -> None:
+    def sampler_loop() -> None:
         while not stop.wait(SAMPLE_SECONDS):
             memory, holders = tree_memory(process.pid)
             if memory > peaks["memory"]:
                 finished = [line for line in lines[-40:] if line.startswith("[gw")]
                 peaks.update(memory=memory, holders=holders, at=time.perf_counter() - start, finished=finished[-4:])
             peaks["disk"] = max(peaks["disk"], folder_bytes(basetemp))
-            sampler_cpu[0] = time.thread_time()
+            peaks["sampler_cpu"] = time.thread_time()
 
-    sampler = threading.Thread(target=sample, daemon=True)
-    sampler.start()
+    sampler = threading.Thread(target=sampler_loop, daemon=True)
+    if sample:
+        sampler.start()
     for line in process.stdout:
         lines.append(line.rstrip("\n"))
         print(line, end="", flush=True)
     process.wait()
-    output = "\n".join(lines)
     minutes = (time.perf_counter() - start) / 60
     stop.set()
-    sampler.join()
-    summary = output.strip().splitlines()[-1] if output.strip() else "no output"
+    if sample:
+        sampler.join()
+    return lines, minutes, peaks
+
+
+def summary_line(lines: list[str]) -> str:
+    """pytest's last line (``334 passed in ...``) without its ``=`` frame."""
+    output = "\n".join(lines).strip()
+    return output.splitlines()[-1].strip("= ") if output else "no output"
+
+
+def write_file_seconds(per_file: dict[str, float]) -> None:
+    """Every test file's seconds, longest first, to :data:`FILE_SECONDS`."""
+    with FILE_SECONDS.open("w", newline="") as handle:
+        writer = csv.writer(handle, lineterminator="\n")
+        writer.writerow(["test_file", "seconds"])
+        writer.writerows((path, f"{seconds:.1f}") for path, seconds in per_file.items())
+
+
+def main() -> int:
+    if "--readme" in sys.argv[1:]:
+        return readme_from_page()
+    basetemp = Path(tempfile.mkdtemp(prefix="suite-"))
+    lines, minutes, _ = run_suite(basetemp / "timed", sample=False)
+    sampled_lines, sampled_minutes, peaks = run_suite(basetemp / "sampled", sample=True)
+    output = "\n".join(lines)
+    summary = summary_line(lines)
     per_file = seconds_per_file(output)
-    failures = [line for line in lines if line.startswith(("FAILED ", "ERROR "))]
+    write_file_seconds(per_file)
+    failures = [line for line in [*lines, *sampled_lines] if line.startswith(("FAILED ", "ERROR "))]
     disk, memory = peaks["disk"] / 2**30, peaks["memory"] / 2**30
     write_page(PAGE, [
         "# The test suite's cost", "",
         ("Command: `python -m benchmarks.test_suite` (runs `python -m pytest tests`, the README's test command, with "
-         "its temporary folder under one measured directory)."), f"Machine: {machine()}.", "",
-        "| result | minutes | peak memory (pytest and all it started) | peak disk (its temporary files) |",
+         "its temporary folder under one measured directory) twice: once timed alone, once sampled for memory and "
+         "disk."), f"Machine: {machine()}.", "",
+        "| result (timed run) | minutes | peak memory (pytest and all it started) | peak disk (its temporary files) |",
         "|---|---|---|---|",
-        f"| {summary.strip('= ')} | {minutes:.1f} | {memory:.1f} GB | {disk:.2f} GB |", "",
+        f"| {summary} | {minutes:.1f} | {memory:.1f} GB | {disk:.2f} GB |", "",
         *(["Failed:", "", *(f"- `{line}`" for line in failures), ""] if failures else []),
-        ("Memory is the summed proportional set size (shared pages counted once) of pytest and every process it "
-             f"started. Sampled every {SAMPLE_SECONDS:.0f} s; a file written and deleted in between can be missed. The "
-             f"sampling itself used {sampler_cpu[0]:.0f} s of CPU time."), "",
+        ("Minutes are the timed run's, alone on the machine. Memory and disk come from the sampled run "
+         f"({summary_line(sampled_lines)}; {sampled_minutes:.1f} min), whose sampler read every {SAMPLE_SECONDS:.0f} s "
+         "the summed proportional set size (shared pages counted once) of pytest and every process it started and "
+         "the bytes under its temporary folder; a file written and deleted in between can be missed. The sampling "
+         f"itself used {peaks['sampler_cpu']:.0f} s of CPU time."), "",
         f"At the memory peak ({peaks['at'] / 60:.1f} min in), its largest processes:", "",
         "| process | memory |", "|---|---|",
         *(f"| `{holder.replace(str(basetemp), '<basetemp>')}` | {size / 2**30:.2f} GB |"
@@ -176,15 +207,17 @@ def main() -> int:
         "Tests that had just finished then:", "",
         *(f"- `{line}`" for line in peaks["finished"]), "",
         "## Where the time goes", "",
-        ("Seconds per test file (setup, call and teardown of its tests, from `--durations=0`), the slowest ten. "
-         "`--dist loadfile` (pyproject's addopts) runs each file on one of the two workers, so no run is shorter "
-         "than its slowest file."), "",
+        ("Seconds per test file in the timed run (setup, call and teardown of its tests, from `--durations=0`), the "
+         "slowest ten; all of them in [test-suite-files.csv](test-suite-files.csv). `--dist loadfile` (pyproject's "
+         "addopts) runs each file on one of the two workers, so no run is shorter than its slowest file; "
+         "`tests/conftest.py` hands the files out longest first, in that file's order, so the workers finish "
+         "together."), "",
         "| test file | seconds |", "|---|---|",
         *(f"| `{path}` | {seconds:.0f} |" for path, seconds in list(per_file.items())[:10]),
         f"| all files together | {sum(per_file.values()):.0f} |", "",
     ])
-    refresh_readme(readme_line(machine(), summary.strip("= "), f"{minutes:.1f}", f"{memory:.1f} GB", f"{disk:.2f} GB"))
-    return process.returncode
+    refresh_readme(readme_line(machine(), summary, f"{minutes:.1f}", f"{memory:.1f} GB", f"{disk:.2f} GB"))
+    return 1 if failures or "passed" not in summary else 0
 
 
 if __name__ == "__main__":

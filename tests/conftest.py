@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import csv
 import os
 import shutil
 import sys
+from collections import Counter
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -96,6 +98,25 @@ def warm() -> Iterator[WarmCommands]:
     server = WarmCommands(command_env())
     yield server
     server.close()
+
+
+# ------------------------------------------------------------------ scheduling: longest test files first
+FILE_SECONDS = REPO / "docs" / "benchmarks" / "test-suite-files.csv"  # written by `python -m benchmarks.test_suite`
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Test files longest first, by their seconds in the last measured run (:data:`FILE_SECONDS`); files it does not
+    list follow, most tests first (xdist's own order). ``--dist loadfile`` hands a worker the next file when it runs
+    low, so with the long files started first the two workers finish together instead of one waiting out a long file
+    handed out late (pyproject's ``--no-loadscope-reorder`` keeps this order; a file's tests keep theirs)."""
+    seconds: dict[str, float] = {}
+    if FILE_SECONDS.is_file():
+        with FILE_SECONDS.open() as handle:
+            seconds = {row["test_file"]: float(row["seconds"]) for row in csv.DictReader(handle)}
+    tests_per_file = Counter(item.nodeid.split("::")[0] for item in items)
+    rank = {path: -seconds.get(path, 0.0) for path in tests_per_file}
+    items.sort(key=lambda item: (rank[item.nodeid.split("::")[0]], -tests_per_file[item.nodeid.split("::")[0]],
+                                 item.nodeid.split("::")[0]))
 
 
 # ------------------------------------------------------------------ temporary files: a passed test's go at once
