@@ -132,6 +132,7 @@ def run_suite(basetemp: Path, sample: bool) -> tuple[list[str], float, dict]:
     command = [sys.executable, "-m", "pytest", "tests", "--basetemp", str(basetemp / "pytest"),
                "--durations=0", "-v"]
     peaks = {"memory": 0, "disk": 0, "holders": [], "at": 0.0, "finished": [], "sampler_cpu": 0.0}
+    basetemp.mkdir(parents=True, exist_ok=True)
     start = time.perf_counter()
     process = subprocess.Popen(command, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     stop = threading.Event()
@@ -180,6 +181,10 @@ def main() -> int:
     basetemp = Path(tempfile.mkdtemp(prefix="suite-"))
     lines, minutes, _ = run_suite(basetemp / "timed", sample=False)
     sampled_lines, sampled_minutes, peaks = run_suite(basetemp / "sampled", sample=True)
+    for run_lines in (lines, sampled_lines):
+        if not re.search(r"\d+ (passed|failed)", summary_line(run_lines)):  # pytest itself failed: nothing to report
+            msg = f"pytest reported no result ({summary_line(run_lines)}); the page and the README were left as they are"
+            raise SystemExit(msg)
     output = "\n".join(lines)
     summary = summary_line(lines)
     per_file = seconds_per_file(output)

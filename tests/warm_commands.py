@@ -1,8 +1,8 @@
-"""Console commands (``anomalib``, ``isstad-predict``) run in a forked copy of a warm interpreter.
+"""Console commands (``anomalib``, ``isstad-predict``, ``isstad-benchmark``) run in a forked copy of a warm interpreter.
 
 Starting ``anomalib`` costs about 6.5 s of imports (torch, Lightning, anomalib) on this project's 2-core CPU before
-it does anything; the documentation test alone runs two dozen such commands, and the CLI and own-images tests
-share the same server (``tests/conftest.py``'s ``warm``, one per test worker). A :class:`WarmCommands` server
+it does anything; the documentation test alone runs two dozen such commands, and the CLI, own-images and benchmark
+tests share the same server (``tests/conftest.py``'s ``warm``, one per test worker). A :class:`WarmCommands` server
 imports all of that once; each command then runs in a child forked from it: a real process with its own working directory,
 environment, argv, output files and exit status, running the installed console script's entry point exactly as the
 script would (``sys.exit(main())``), start-up hook included (it ran when the server imported anomalib).
