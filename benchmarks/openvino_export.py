@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import tempfile
+import time
 from pathlib import Path
 
 import numpy as np
@@ -26,8 +27,6 @@ LATENCY_ROUNDS, CALLS = 5, 100  # alternated latency rounds per setting, calls p
 
 def export(model: torch.nn.Module, root: Path, optimize: bool) -> tuple[Path, float]:
     """The OpenVINO export of ``model`` under ``root`` and its wall-clock seconds."""
-    import time
-
     start = time.perf_counter()
     path = model.to_openvino(root, onnx_kwargs={"optimize": optimize})
     return Path(path), time.perf_counter() - start

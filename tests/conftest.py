@@ -92,8 +92,9 @@ def command_env() -> dict[str, str]:
 
 @pytest.fixture(scope="session")
 def warm() -> Iterator[WarmCommands]:
-    """One warm interpreter per test worker for the ``anomalib`` and ``isstad-predict`` commands of every test file
-    (:mod:`tests.warm_commands`: each command a real forked process, without 6.5 s of imports). Tests of what a fresh
+    """One warm interpreter per test worker for the console commands of every test file (``anomalib``,
+    ``isstad-predict``, ``isstad-benchmark``: :mod:`tests.warm_commands`, each command a real forked process, without
+    6.5 s of imports). Tests of what a fresh
     interpreter does (the start-up hook, the first screen's warnings) start the real console script instead."""
     server = WarmCommands(command_env())
     yield server
@@ -113,10 +114,11 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     if FILE_SECONDS.is_file():
         with FILE_SECONDS.open() as handle:
             seconds = {row["test_file"]: float(row["seconds"]) for row in csv.DictReader(handle)}
-    tests_per_file = Counter(item.nodeid.split("::")[0] for item in items)
-    rank = {path: -seconds.get(path, 0.0) for path in tests_per_file}
-    items.sort(key=lambda item: (rank[item.nodeid.split("::")[0]], -tests_per_file[item.nodeid.split("::")[0]],
-                                 item.nodeid.split("::")[0]))
+    def test_file(item: pytest.Item) -> str:
+        return item.nodeid.split("::")[0]
+
+    tests_per_file = Counter(map(test_file, items))
+    items.sort(key=lambda item: (-seconds.get(test_file(item), 0.0), -tests_per_file[test_file(item)], test_file(item)))
 
 
 # ------------------------------------------------------------------ temporary files: a passed test's go at once
