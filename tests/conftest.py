@@ -94,8 +94,8 @@ def command_env() -> dict[str, str]:
 def warm() -> Iterator[WarmCommands]:
     """One warm interpreter per test worker for the console commands of every test file (``anomalib``,
     ``isstad-predict``, ``isstad-benchmark``: :mod:`tests.warm_commands`, each command a real forked process, without
-    6.5 s of imports). Tests of what a fresh
-    interpreter does (the start-up hook, the first screen's warnings) start the real console script instead."""
+    6.5 s of imports). Tests of what a fresh interpreter does (the start-up hook, the first screen's warnings) start
+    the real console script instead."""
     server = WarmCommands(command_env())
     yield server
     server.close()
