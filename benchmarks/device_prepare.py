@@ -2,8 +2,10 @@
 
     python -m benchmarks.device_prepare [--data ../shared/data]
 
-- ``.whl/``: the wheels of ``benchmarks/device_wheels.txt`` for CPython 3.12 on manylinux x86-64 (the GPU machine's
-  Python), downloaded from PyPI without their dependencies (the machine has the rest: ``device_packages.txt``);
+- ``.whl/``: the wheels of the packages named in ``benchmarks/device_wheels.txt`` for CPython 3.12 on manylinux
+  x86-64 (the GPU machine's Python), downloaded from PyPI without their dependencies (the machine has the rest:
+  ``device_packages.txt``), each at the version installed in the environment this runs from (the one the test suite
+  passed in), and ``.whl/carried.txt``, the resolved ``name==version`` list the device run reports;
 - ``.device-data/magnetic_tile``: a copy of the category the run trains on (the GPU machine cannot see ``../shared``).
 
 Both are git-ignored (never committed) and travel with the device call through its ``carry`` argument. The device
@@ -13,6 +15,7 @@ accepts 64 MiB in all (the working tree included): the step checks the total and
 from __future__ import annotations
 
 import argparse
+import importlib.metadata
 import shutil
 import subprocess
 import sys
@@ -20,6 +23,7 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 WHEELS, DATA = REPO / ".whl", REPO / ".device-data"
+CARRIED = "carried.txt"  # the resolved list, written beside the wheels
 LIMIT_MB = 64
 PLATFORMS = ["manylinux_2_28_x86_64", "manylinux_2_27_x86_64", "manylinux_2_24_x86_64", "manylinux_2_17_x86_64",
              "manylinux2014_x86_64", "manylinux1_x86_64"]
@@ -27,9 +31,32 @@ RUN_CALL = ('run(command="bash benchmarks/device_run.sh", carry=[".whl", ".devic
 
 
 def wanted_wheels() -> list[str]:
-    """``name==version`` lines of ``benchmarks/device_wheels.txt``."""
+    """The package names of ``benchmarks/device_wheels.txt``."""
     lines = (REPO / "benchmarks" / "device_wheels.txt").read_text().splitlines()
     return [line.strip() for line in lines if line.strip() and not line.startswith("#")]
+
+
+def resolve(names: list[str]) -> list[str]:
+    """``name==version`` for each name, at the version installed in this environment; every absent name is named."""
+    resolved, absent = [], []
+    for name in names:
+        try:
+            resolved.append(f"{name}=={importlib.metadata.version(name)}")
+        except importlib.metadata.PackageNotFoundError:
+            absent.append(name)
+    if absent:
+        msg = (f"{', '.join(absent)}: named in benchmarks/device_wheels.txt but not installed in {sys.executable}'s "
+               "environment; run this from the environment the test suite passed in (make install), or remove the "
+               "name from the list")
+        raise SystemExit(msg)
+    return resolved
+
+
+def write_carried(folder: Path, requirements: list[str]) -> Path:
+    """The resolved list beside the wheels, as the device run reads and reports it."""
+    path = folder / CARRIED
+    path.write_text("".join(f"{requirement}\n" for requirement in requirements))
+    return path
 
 
 def folder_mb(path: Path) -> float:
@@ -78,7 +105,10 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--data", type=Path, default=REPO.parent / "shared" / "data")
     args = parser.parse_args(argv)
-    download(wanted_wheels())
+    requirements = resolve(wanted_wheels())
+    download(requirements)
+    write_carried(WHEELS, requirements)
+    print("carried wheels: " + ", ".join(requirements))
     copy_data(args.data)
     sizes = {"working tree": working_tree_mb(), ".whl": folder_mb(WHEELS), ".device-data": folder_mb(DATA)}
     total = sum(sizes.values())

@@ -34,6 +34,7 @@ import statistics
 import subprocess
 import sys
 import time
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
@@ -121,16 +122,24 @@ def environment(device: torch.device) -> dict[str, Any]:
     """What ran: GPU, driver, CUDA, packages, CPU."""
     from importlib import metadata
 
+    from benchmarks.device_prepare import wanted_wheels
     from isstad_plugin.benchmark.timing import cpu_description
 
-    packages = {}
-    for name in ("torch", "torchvision", "lightning", "anomalib", "timm", "torchmetrics", "kornia", "jsonargparse",
-                 "omegaconf", "isstad-plugin", "numpy"):
-        try:
-            packages[name] = metadata.version(name)
-        except metadata.PackageNotFoundError:
-            packages[name] = "not installed"
+    def installed(names: Iterable[str]) -> dict[str, str]:
+        versions = {}
+        for name in names:
+            try:
+                versions[name] = metadata.version(name)
+            except metadata.PackageNotFoundError:
+                versions[name] = "not installed"
+        return versions
+
+    packages = installed(("torch", "torchvision", "lightning", "anomalib", "timm", "torchmetrics", "kornia",
+                          "jsonargparse", "omegaconf", "isstad-plugin", "numpy"))
+    # the versions of the carried wheels that ran (benchmarks/device_prepare.py resolved them from its environment)
+    carried = installed(wanted_wheels())
     info: dict[str, Any] = {"device": str(device), "python": platform.python_version(), "packages": packages,
+                            "carried_wheels": carried,
                             "cpu": cpu_description()[0], "cpu_count": os.cpu_count(),
                             "torch_cuda": torch.version.cuda, "cudnn": torch.backends.cudnn.version()}
     if device.type == "cuda":

@@ -20,6 +20,8 @@ if [ -d "$WHEELS" ] && [ -n "$(ls "$WHEELS"/*.whl 2>/dev/null)" ]; then
     "$PYTHON" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site \
         "$WHEELS"/*.whl || { echo "wheel install failed"; exit 1; }
     export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH}
+    echo "== carried wheels, as benchmarks/device_prepare.py resolved them"
+    cat "$WHEELS/carried.txt" 2>/dev/null || echo "no $WHEELS/carried.txt: run python -m benchmarks.device_prepare again"
 fi
 export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}  # the plugin from the working tree (its start-up hook: see device_run)
 "$PYTHON" -m benchmarks.device_run --data "${DEVICE_DATA:-.device-data}" --out "$OUT" "$@"

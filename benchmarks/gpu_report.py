@@ -24,7 +24,8 @@ HOW = [
     "## How to run it",
     "",
     "On this machine (no GPU needed), once per session: `python -m benchmarks.device_prepare` downloads the wheels",
-    "the GPU machine lacks (`benchmarks/device_wheels.txt`) into `.whl/` and copies `magnetic_tile` into",
+    "the GPU machine lacks (named in `benchmarks/device_wheels.txt`, each at the version installed where it runs)",
+    "into `.whl/`, with the resolved list beside them (`.whl/carried.txt`), copies `magnetic_tile` into",
     "`.device-data/` (both git-ignored), checks they fit the 64 MiB a device call carries, and prints the call.",
     "In a session lent a GPU, the device tool's",
     "`run(command=\"bash benchmarks/device_run.sh\", carry=[\".whl\", \".device-data\"], timeout_s=480)` runs",
@@ -93,10 +94,13 @@ def page(folder: Path | None) -> list[str]:
                 "is ready and runs in the test suite on the CPU at a tiny size; the figures will be published here "
                 "by the first session lent a GPU.", "", *HOW, ""]
     packages = ", ".join(f"{name} {version}" for name, version in environment["packages"].items())
+    carried = ", ".join(f"{name} {version}" for name, version in environment.get("carried_wheels", {}).items())
     lines += [f"Machine: {environment.get('gpu', environment['device'])} "
               f"({environment.get('gpu_memory_gb', '-')} GB, driver {environment.get('driver', '-')}, CUDA "
               f"{environment.get('torch_cuda')}), {environment['cpu']} ({environment['cpu_count']} cores), Python "
               f"{environment['python']}.", f"Packages: {packages}.", "",
+              f"Carried wheels (the versions of the environment `device_prepare` ran from): {carried or 'none'}.",
+              "",
               "Command: `bash benchmarks/device_run.sh` (see below); page: `python -m benchmarks.gpu_report FOLDER`.",
               ""]
     if (throughput := load(folder, "throughput.json")) is not None:

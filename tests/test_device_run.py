@@ -33,7 +33,11 @@ def device_output(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 def test_the_device_run_measures_every_phase(device_output: Path) -> None:
     environment = json.loads((device_output / "environment.json").read_text())
-    assert environment["device"] == "cpu" and environment["packages"]["anomalib"] == "2.7.0"
+    assert environment["device"] == "cpu"
+    assert environment["packages"]["anomalib"] == importlib.metadata.version("anomalib")
+    # what ran is what device_prepare would carry from this environment
+    assert [f"{name}=={version}" for name, version in environment["carried_wheels"].items()] == \
+        device_prepare.resolve(device_prepare.wanted_wheels())
     throughput = json.loads((device_output / "throughput.json").read_text())
     assert set(throughput["precisions"]) == {"32-true", "bf16-mixed"}
     for row in throughput["precisions"].values():
@@ -59,6 +63,8 @@ def test_the_page_is_generated_from_the_run(device_output: Path, tmp_path: Path)
         assert heading in text
     training = json.loads((device_output / "training.json").read_text())
     assert f"| {gpu_report.fmt(training['metrics']['pixel_AUPRO'])} |" in text
+    carried = next(line for line in text.splitlines() if line.startswith("Carried wheels"))
+    assert f"anomalib {importlib.metadata.version('anomalib')}" in carried
 
 
 def test_the_published_page_is_generated_from_the_published_results(tmp_path: Path) -> None:
@@ -69,7 +75,17 @@ def test_the_published_page_is_generated_from_the_published_results(tmp_path: Pa
         assert "No GPU run has been made yet" in page.read_text()
 
 
-def test_the_carried_wheels_are_the_versions_tested_here() -> None:
-    for requirement in device_prepare.wanted_wheels():
-        name, _, version = requirement.partition("==")
-        assert importlib.metadata.version(name) == version, requirement
+def test_the_carried_wheels_are_the_versions_installed_here(tmp_path: Path) -> None:
+    """The wheels are named, not pinned: each carried version is the one this environment (where the suite passes)
+    has, whatever the registry served it, and the resolved list is written beside the wheels."""
+    names = device_prepare.wanted_wheels()
+    assert names and all("=" not in name for name in names)
+    resolved = device_prepare.resolve(names)
+    assert resolved == [f"{name}=={importlib.metadata.version(name)}" for name in names]
+    carried = device_prepare.write_carried(tmp_path, resolved)
+    assert carried.read_text().splitlines() == resolved
+
+
+def test_a_carried_wheel_this_environment_lacks_fails_naming_it() -> None:
+    with pytest.raises(SystemExit, match=r"^no-such-wheel-here: named in benchmarks/device_wheels.txt but not"):
+        device_prepare.resolve(["anomalib", "no-such-wheel-here"])
