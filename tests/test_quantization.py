@@ -27,6 +27,6 @@ def test_auroc_of_unnormalised_scores_and_maps() -> None:
         return {"pred_score": scores[4 * i:4 * i + 4], "anomaly_map": maps[4 * i:4 * i + 4]}
 
     values = auroc_on(graph, batches)
-    assert values["image AUROC"] == roc_auc_score(labels.numpy(), scores)
+    assert abs(values["image AUROC"] - roc_auc_score(labels.numpy(), scores)) < 1e-6  # torchmetrics' float32
     assert abs(values["pixel AUROC"] - roc_auc_score(masks.numpy().ravel(), maps.ravel())) < 1e-6
     assert values["image AUROC"] > 0.7  # the data separate, so a tie at 0.5 would be caught too
