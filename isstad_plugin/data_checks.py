@@ -69,6 +69,22 @@ def _image_problem(path: Path) -> tuple[str | None, tuple[int, int] | None]:
     return None, size
 
 
+def unreadable_reason(path: Path) -> str | None:
+    """Why an image file cannot be read at all (header and checksums, no full decode), or ``None``.
+
+    The prediction check: a large image is readable (``isstad-predict`` reads with OpenCV, without Pillow's
+    decompression-bomb limit), and 16-bit or transparent images are converted there, not refused.
+    """
+    try:
+        with Image.open(path) as image:
+            image.verify()
+    except Image.DecompressionBombError:
+        return None
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as error:
+        return f"cannot be read ({error.__class__.__name__}: {error}); the file is corrupt or truncated"
+    return None
+
+
 def check_split(image_paths: Iterable[str], mask_paths: Iterable[str | None], split: str,
                 folder: Path | None = None) -> int:
     """Check every image (and its mask, where given) of one split; returns the number of images checked.

@@ -6,6 +6,14 @@ anomalib's post-processing; this command only reads images, resizes them to the 
 ``anomalib.deploy.OpenVINOInferencer`` (or ONNX Runtime) and draws the anomaly map over each image. A checkpoint
 runs the same pipeline in torch (the model rebuilt from the options it holds, on the CPU, in FP32).
 
+Besides ``predictions.csv`` and the overlays, each run writes ``report.html`` (:mod:`isstad_plugin.report`): one
+offline page with the run's model, threshold and source, a score histogram and a gallery sorted by score, flagged
+images first, filterable; ``--no-report`` leaves it out.
+
+Every image is checked before any work: unreadable files (truncated, or not an image) are all named in one error.
+With ``--skip-unreadable`` the rest are scored and those files are listed as unreadable in ``predictions.csv`` and
+the report, never dropped in silence.
+
 Outputs mirror the inputs: a folder input ``test/`` gives ``<output>/test/<its relative path>.png`` overlays, a
 file input ``<output>/<stem>.png`` (with as many parent folders as it takes to tell file inputs of the same name
 apart); two inputs that would still write the same name are refused before any work. Every
@@ -26,8 +34,10 @@ import csv
 import inspect
 import shutil
 import sys
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
@@ -35,7 +45,8 @@ import cv2
 import numpy as np
 from PIL import Image
 
-from isstad_plugin.data_checks import IMAGE_SUFFIXES
+from isstad_plugin.data_checks import IMAGE_SUFFIXES, unreadable_reason
+from isstad_plugin.report import THUMBNAILS, ReportEntry, RunInfo, write_report, write_thumbnail
 
 # OpenVINO's CPU plugin computes in BF16 by default on CPUs that have it (AVX-512 BF16, AMX) and in FP32
 # elsewhere, so the same model scores differently from one machine to the next unless the precision is named.
@@ -141,6 +152,13 @@ class ExportedModel:
             msg = f"runtime must be 'openvino' or 'onnxruntime', got {runtime!r}."
             raise ValueError(msg)
         self.input_size = (dims[2], dims[3]) if dims[2] and dims[3] else None
+        kind = "OpenVINO IR" if path.suffix == ".xml" else "ONNX file"
+        where = f"OpenVINO on {device}, {precision}" if runtime == "openvino" else "ONNX Runtime on the CPU, f32"
+        self.source = f"{kind}, {where}"
+        # the graph holds anomalib's post-processing, which normalises the scores so that the model's learned image
+        # threshold lands on 1 - sensitivity (0.5: the sensitivity our models keep at anomalib's default)
+        self.threshold = 0.5
+        self.threshold_note = "on normalised scores: the exported graph maps the model's learned threshold there"
 
     def __call__(self, batch: np.ndarray) -> dict[str, np.ndarray]:
         if self.runtime == "openvino":
@@ -159,6 +177,11 @@ class CheckpointModel:
     def __init__(self, path: Path) -> None:
         self.module = load_trained_model(path).eval()
         self.input_size = (int(self.module.hparams.image_size),) * 2
+        self.source = f"Lightning checkpoint of {type(self.module).__name__}, torch on the CPU, f32"
+        post = self.module.post_processor
+        self.threshold = float(post.normalized_image_threshold)
+        self.threshold_note = (f"on normalised scores; the learned image threshold is {float(post.image_threshold):.4g} "
+                               "in the model's raw scores")
 
     def __call__(self, batch: np.ndarray) -> dict[str, np.ndarray]:
         import torch
@@ -252,6 +275,12 @@ def _shortest_unique_names(files: list[Path]) -> dict[Path, Path]:
     return names
 
 
+def unreadable_images(plan: PredictionPlan) -> list[tuple[Path, str]]:
+    """``(file, why)`` for every image of ``plan`` that cannot be read, checked before any work."""
+    reasons = ((path, unreadable_reason(path)) for path, _ in plan.images)
+    return [(path, reason) for path, reason in reasons if reason is not None]
+
+
 def predict_paths(
     model_path: Path,
     inputs: Sequence[Path],
@@ -261,39 +290,74 @@ def predict_paths(
     precision: str = "f32",
     overwrite: bool = False,
     plan: PredictionPlan | None = None,
+    skip_unreadable: bool = False,
+    report: bool = True,
 ) -> list[dict[str, object]]:
-    """Predict every image; write overlays mirroring the inputs and ``predictions.csv`` into ``output``.
+    """Predict every image; write overlays mirroring the inputs, ``predictions.csv`` and ``report.html`` into
+    ``output``, and return the CSV's rows.
 
     ``precision`` is OpenVINO's inference precision (see :data:`PRECISIONS`); ONNX Runtime runs in FP32. Files
     go to ``<output>.partial`` first; ``output`` appears (or is replaced, with ``overwrite``) only when all are
-    written. A non-empty ``output`` without ``overwrite`` is refused before any work.
+    written. A non-empty ``output`` without ``overwrite`` is refused before any work, and so are unreadable images
+    (all named in one error) unless ``skip_unreadable``, which scores the rest and lists them as unreadable.
     """
     if output.exists() and (not output.is_dir() or any(output.iterdir())) and not overwrite:
         msg = (f"Output folder {output} exists and is not empty: choose another --output, or pass --overwrite to "
                "replace it wholly (its current files are deleted when the new run completes).")
         raise FileExistsError(msg)
+    started, clock = datetime.now().astimezone(), time.perf_counter()
     plan = plan or plan_predictions(inputs)
+    unreadable = dict(unreadable_images(plan))
+    if unreadable and not skip_unreadable:
+        listed = "\n  ".join(f"{path}: {reason}" for path, reason in unreadable.items())
+        msg = (f"{len(unreadable)} unreadable image file(s):\n  {listed}\nFix or remove them, or pass "
+               "--skip-unreadable to score the rest (they are then listed as unreadable in predictions.csv and "
+               "report.html); nothing was predicted.")
+        raise ValueError(msg)
     model = load_model(model_path, runtime, device, precision)
     staging = output.with_name(output.name + ".partial")
     shutil.rmtree(staging, ignore_errors=True)  # a crashed earlier run's leftovers
-    rows = []
+    rows, entries = [], []
     try:
         for path, name in plan.images:
-            image = read_rgb(path)
+            try:
+                if path in unreadable:
+                    raise ValueError(unreadable[path])
+                image = read_rgb(path)
+            except ValueError as error:  # read_rgb's: a file that passed the check but does not decode
+                if not skip_unreadable:
+                    raise
+                rows.append({"image": str(path), "pred_score": "", "pred_label": "", "overlay": "",
+                             "status": f"unreadable: {error}"})
+                entries.append(ReportEntry(image=str(path), name=name.with_suffix(path.suffix).as_posix(),
+                                           problem=str(error)))
+                continue
             result = model(prepare(image, model.input_size))
             score, label = float(result["pred_score"].reshape(-1)[0]), bool(result["pred_label"].reshape(-1)[0])
             target = staging / name
             target.parent.mkdir(parents=True, exist_ok=True)
-            if not cv2.imwrite(str(target), overlay(image, result["anomaly_map"][0], result["pred_mask"][0], score,
-                                                    label)):
+            drawn = overlay(image, result["anomaly_map"][0], result["pred_mask"][0], score, label)
+            if not cv2.imwrite(str(target), drawn):
                 msg = f"Could not write {target} (disk full or folder not writable?)."
                 raise OSError(msg)
             rows.append({"image": str(path), "pred_score": score, "pred_label": int(label),
-                         "overlay": str(output / name)})
+                         "overlay": str(output / name), "status": "scored"})
+            if report:
+                thumbnail = THUMBNAILS / name.with_suffix(".jpg")
+                size = write_thumbnail(drawn, staging / thumbnail)
+                entries.append(ReportEntry(image=str(path), name=name.with_suffix(path.suffix).as_posix(),
+                                           score=score, flagged=label, overlay=name,
+                                           thumbnail=thumbnail, thumbnail_size=size))
         with (staging / "predictions.csv").open("w", newline="") as handle:
             writer = csv.DictWriter(handle, fieldnames=list(rows[0]))
             writer.writeheader()
             writer.writerows(rows)
+        if report:
+            disagree = sum((e.score >= model.threshold) != e.flagged for e in entries if e.problem is None)
+            note = model.threshold_note + (f"; {disagree} label(s) disagree with it" if disagree else "")
+            write_report(staging, entries, RunInfo(
+                model=model_path, source=model.source, threshold=model.threshold, threshold_note=note,
+                started=started.isoformat(sep=" ", timespec="seconds"), seconds=time.perf_counter() - clock))
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
@@ -317,19 +381,29 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--precision", choices=PRECISIONS, default="f32",
                         help="OpenVINO inference precision (default f32: the same scores as torch on every CPU; "
                              "bf16 is faster on CPUs with BF16 instructions, see docs/deployment.md)")
+    parser.add_argument("--skip-unreadable", action="store_true",
+                        help="score the readable images and list unreadable files (truncated, not an image) as "
+                             "unreadable in predictions.csv and report.html (default: name them all and stop)")
+    parser.add_argument("--no-report", action="store_true", help="write no report.html (and no thumbnails)")
     args = parser.parse_args(argv)
     try:
         plan = plan_predictions(args.inputs)
         for path in plan.skipped:
             print(f"skipped (not an image): {path}", file=sys.stderr)
         rows = predict_paths(args.model, args.inputs, args.output, args.runtime, args.device, args.precision,
-                             args.overwrite, plan)
+                             args.overwrite, plan, skip_unreadable=args.skip_unreadable, report=not args.no_report)
     except (FileNotFoundError, FileExistsError, ValueError, OSError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
-    flagged = sum(row["pred_label"] for row in rows)
+    scored = [row for row in rows if row["status"] == "scored"]
+    flagged = sum(row["pred_label"] for row in scored)
     skipped = f"; {len(plan.skipped)} non-image files skipped (listed above)" if plan.skipped else ""
-    print(f"{len(rows)} images, {flagged} anomalous{skipped}; overlays and predictions.csv in {args.output}")
+    unreadable = [row["image"] for row in rows if row["status"] != "scored"]
+    for image in unreadable:
+        print(f"unreadable (listed in predictions.csv and the report): {image}", file=sys.stderr)
+    unread = f"; {len(unreadable)} unreadable (listed above)" if unreadable else ""
+    written = "overlays, predictions.csv" + ("" if args.no_report else " and report.html")
+    print(f"{len(scored)} images, {flagged} anomalous{unread}{skipped}; {written} in {args.output}")
     return 0
 
 

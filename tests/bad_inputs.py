@@ -367,6 +367,17 @@ def _predict_missing_model(work: Path) -> list[str]:
             str(work / "overlays")]
 
 
+def _predict_unreadable_files(work: Path) -> list[str]:
+    """A shift's folder with a truncated PNG and a text file named ``.png`` among readable images: both are named
+    in one message, before the model is even read (an empty model file)."""
+    shift = make_slice(work / "data", 1, 2, {"crack": 1}) / "magnetic_tile" / "test" / "good"
+    good = min(shift.glob("*.png"))
+    (shift / "truncated.png").write_bytes(good.read_bytes()[:300])
+    (shift / "text.png").write_text("not an image\n")
+    (work / "model.xml").write_bytes(b"")
+    return [str(BIN / "isstad-predict"), str(work / "model.xml"), str(shift), "--output", str(work / "overlays")]
+
+
 def _no_partial_predict(work: Path) -> list[Path]:
     return [p for p in work.glob("overlays*") if p.name != "overlays" or any(p.iterdir()) is False]
 
@@ -438,6 +449,8 @@ CASES: list[Case] = [
          r"overlays.*--overwrite"),
     Case("predict-model-missing", "`isstad-predict` with a model file that does not exist", _predict_missing_model,
          r"model\.xml does not exist"),
+    Case("predict-unreadable-files", "`isstad-predict` on a folder with a truncated PNG and a text file named .png",
+         _predict_unreadable_files, r"2 unreadable image file.*text\.png.*truncated\.png.*--skip-unreadable"),
 ]
 
 OTHER_TESTS = [
@@ -447,6 +460,10 @@ OTHER_TESTS = [
      "tests/test_reliability.py::test_nan_loss_stops_training_with_step_and_cause"),
     ("`isstad-predict` on folders holding non-image files", "lists every skipped file",
      "tests/test_export.py"),
+    ("`isstad-predict --skip-unreadable` on a folder with unreadable files",
+     ("scores the rest; each unreadable file is a row of predictions.csv (`status` `unreadable: <why>`) and a card "
+      "of report.html, never dropped"),
+     "tests/test_export.py::test_the_report_shows_every_image_in_score_order_in_a_real_browser"),
     ("a broken plugin install (`import isstad_plugin` fails)", "anomalib works as stock (`anomalib train --model Patchcore --print_config`, "
      "`get_model('patchcore')`); one warning names the error and the fix",
      "tests/test_patches.py::test_a_broken_plugin_leaves_anomalib_working_with_one_warning"),
