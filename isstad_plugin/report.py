@@ -53,7 +53,7 @@ class RunInfo:
     """What the page's header says about the run."""
 
     model: Path
-    source: str  # e.g. "OpenVINO IR, OpenVINO runtime, f32"
+    source: str  # e.g. "OpenVINO IR, OpenVINO on CPU, f32"
     threshold: float
     threshold_note: str
     started: str
@@ -73,10 +73,7 @@ def write_thumbnail(overlay_bgr: np.ndarray, path: Path, width: int = THUMBNAIL_
 
 def histogram_png(scores: Sequence[float], flagged: Sequence[bool], threshold: float) -> bytes:
     """The scores' histogram, flagged and passed stacked in two colours, the threshold a dashed line (PNG)."""
-    import matplotlib as mpl
-
-    mpl.use("Agg")  # no display: a file only
-    from matplotlib.figure import Figure
+    from matplotlib.figure import Figure  # a Figure of its own, not pyplot: the caller's backend stays as it is
 
     values = np.asarray(scores, dtype=float)
     marks = np.asarray(flagged, dtype=bool)
