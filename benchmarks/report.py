@@ -18,12 +18,11 @@ from __future__ import annotations
 import argparse
 import re
 import shutil
-import subprocess
 import tempfile
 import time
 from pathlib import Path
 
-from benchmarks.common import DOCS, REPO, machine, markdown_table, median, write_page
+from benchmarks.common import DOCS, REPO, headless_chromium, machine, markdown_table, median, write_page
 
 PAGE = DOCS / "report.md"
 SCREENSHOT = REPO / "docs" / "images" / "report.png"
@@ -70,16 +69,6 @@ def make_screenshot_shift(data: Path, folder: Path) -> Path:
     return folder
 
 
-def chromium(arguments: list[str]) -> tuple[float, str]:
-    """Headless Chromium's wall time and standard output for ``arguments``."""
-    with tempfile.TemporaryDirectory() as profile:
-        start = time.perf_counter()
-        result = subprocess.run(["chromium", "--headless", "--no-sandbox", "--disable-gpu", "--no-first-run",
-                                 f"--user-data-dir={profile}", *arguments], capture_output=True, text=True,
-                                timeout=300, check=True)
-        return time.perf_counter() - start, result.stdout
-
-
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--images", type=int, default=1000)
@@ -105,17 +94,17 @@ def main(argv: list[str] | None = None) -> int:
         timed.write_text(page.read_text().replace("</body>", f"{LOAD_CLOCK}\n</body>"))
         loads, walls, blanks = [], [], []
         for _ in range(args.rounds):
-            wall, dom = chromium(["--dump-dom", timed.as_uri()])
+            wall, dom = headless_chromium(["--dump-dom", timed.as_uri()])
             loads.append(float(re.search(r'data-load-ms="(\d+)"', dom).group(1)) / 1000)
             walls.append(wall)
-            blanks.append(chromium(["--dump-dom", "about:blank"])[0])
+            blanks.append(headless_chromium(["--dump-dom", "about:blank"])[0])
         html_kb = page.stat().st_size / 1024
         thumbs = list((page.parent / "thumbnails").rglob("*.jpg"))
         thumbs_mb = sum(p.stat().st_size for p in thumbs) / 2**20
         small = make_screenshot_shift(args.data, work / "shift-0800")
         predict_paths(model, [small], work / "screenshot", overwrite=True)
         SCREENSHOT.parent.mkdir(parents=True, exist_ok=True)
-        chromium([f"--screenshot={SCREENSHOT}", "--window-size=1280,1000", "--hide-scrollbars",
+        headless_chromium([f"--screenshot={SCREENSHOT}", "--window-size=1280,1000", "--hide-scrollbars",
                   (work / "screenshot" / "report.html").as_uri()])
     with_report, without = median(seconds[True]), median(seconds[False])
     rows = [

@@ -9,12 +9,12 @@ from __future__ import annotations
 
 import os
 import shutil
-import subprocess
-import tempfile
 from html.parser import HTMLParser
 from pathlib import Path
 
 import pytest
+
+from benchmarks.common import headless_chromium
 
 INSTALL = "apt-get install chromium"
 
@@ -30,16 +30,13 @@ def chromium() -> str:
     return found
 
 
-def _run(arguments: list[str]) -> subprocess.CompletedProcess:
-    with tempfile.TemporaryDirectory() as profile:  # a fresh profile: no state from another run
-        return subprocess.run([chromium(), "--headless", "--no-sandbox", "--disable-gpu", "--no-first-run",
-                               f"--user-data-dir={profile}", *arguments], capture_output=True, text=True,
-                              timeout=120, check=True)
+def _run(arguments: list[str]) -> str:
+    return headless_chromium(arguments, browser=chromium(), timeout=120)[1]
 
 
 def dump_dom(page: Path, fragment: str = "") -> str:
     """The page's DOM after it loaded and its scripts ran (``fragment``: the address's ``#...``)."""
-    return _run(["--dump-dom", page.resolve().as_uri() + fragment]).stdout
+    return _run(["--dump-dom", page.resolve().as_uri() + fragment])
 
 
 def screenshot(page: Path, target: Path, width: int = 1280, height: int = 1000) -> Path:
