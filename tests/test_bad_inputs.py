@@ -3,24 +3,14 @@ file or option and the fix in the last 5 lines, nothing half-written left (cases
 
 from __future__ import annotations
 
-import os
 import shutil
 import tempfile
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
 from tests.bad_inputs import CASES, MARKER, PAGE, TAIL_LINES, pinned_by, run_case
 from tests.warm_commands import WarmCommands
-
-
-@pytest.fixture(scope="module")
-def warm() -> Iterator[WarmCommands]:
-    """One warm interpreter for the cases' ``anomalib`` / ``isstad-predict`` commands (:mod:`tests.warm_commands`)."""
-    server = WarmCommands({**os.environ, "COLUMNS": "120"})
-    yield server
-    server.close()
 
 
 @pytest.mark.parametrize("case", CASES, ids=[case.name for case in CASES])

@@ -14,6 +14,7 @@ Example:
 
 from __future__ import annotations
 
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
 from functools import partial
 from typing import NamedTuple
@@ -319,9 +320,11 @@ class IsstadModel(nn.Module):
         Returns:
             ``(latent [B, 1 + L_keep, E], mask [B, L] or None, ids_restore [B, L] or None)``.
         """
-        grad = torch.is_grad_enabled()
+        # Training: the frozen part runs without autograd. Otherwise (eval, export) no grad-mode switch is traced:
+        # each one is a higher-order op in torch.export's graph (14 of them doubled the ONNX export's trace time).
+        grad = torch.is_grad_enabled() and self.training
         first_trained = len(self.blocks) - self.trainable_encoder_blocks  # blocks before it run without autograd
-        with torch.set_grad_enabled(grad and first_trained == 0):
+        with _grad_mode(grad, first_trained == 0):
             x = self.patch_embed(images) + self.pos_embed[:, 1:]
             mask = ids_restore = None
             if mask_ratio > 0:
@@ -329,9 +332,9 @@ class IsstadModel(nn.Module):
             cls = (self.cls_token + self.pos_embed[:, :1]).expand(x.shape[0], -1, -1)
             x = torch.cat([cls, x], dim=1)
         for index, block in enumerate(self.blocks):
-            with torch.set_grad_enabled(grad and index >= first_trained):
+            with _grad_mode(grad, index >= first_trained):
                 x = block(x)
-        with torch.set_grad_enabled(grad and self.trainable_encoder_blocks > 0):
+        with _grad_mode(grad, self.trainable_encoder_blocks > 0):
             x = self.norm(x)
         return x, mask, ids_restore
 
@@ -403,6 +406,11 @@ class IsstadModel(nn.Module):
         """``[B, 3, H, W]`` images in [0, 1] -> ``[B, H, W]`` uncalibrated score maps (for the calibration)."""
         output = self.pixel_outputs(images)
         return self.anomaly_map_generator.raw_score_map(output.reconstruction, output.image, output.block_logits)
+
+
+def _grad_mode(managed: bool, enabled: bool) -> AbstractContextManager:
+    """``torch.set_grad_enabled(enabled)`` while training with autograd on (``managed``), else no switch at all."""
+    return torch.set_grad_enabled(enabled) if managed else nullcontext()
 
 
 def _nearest_multiple(value: int, base: int) -> int:

@@ -19,8 +19,9 @@ from torchvision.io import ImageReadMode, read_image
 
 from isstad_plugin import Cutpaste
 from isstad_plugin.deploy import openvino_config
-from tests.conftest import REPO
+from tests.conftest import REPO, command_env
 from tests.parity import assert_decisions_agree
+from tests.warm_commands import WarmCommands
 
 BIN = Path(sys.executable).parent
 METRICS = ("image_AUROC", "image_F1Score", "pixel_AUROC", "pixel_F1Score", "pixel_AUPRO")
@@ -65,9 +66,14 @@ def test_cli_train_and_test_report_all_metrics(trained_checkpoint: Path) -> None
 
 
 @pytest.mark.parametrize("spelling", ["Cutpaste", "isstad_plugin.Cutpaste"])
-def test_model_spellings_resolve_in_the_cli(spelling: str, tile_root: Path) -> None:
-    result = run(BIN / "anomalib", "train", "--model", spelling, *TINY_FLAGS, "--data", "anomalib.data.MVTecAD",
-                 "--data.category", "magnetic_tile", *data_flags(tile_root), "--print_config")
+def test_model_spellings_resolve_in_the_cli(spelling: str, tile_root: Path, tmp_path: Path,
+                                           warm: WarmCommands) -> None:
+    """The real ``anomalib`` command, forked from the warm interpreter (the start-up hook ran when it imported
+    anomalib; a fresh interpreter's hook: ``test_get_model_finds_cutpaste_after_import_anomalib_alone``)."""
+    argv = ["anomalib", "train", "--model", spelling, *map(str, TINY_FLAGS), "--data", "anomalib.data.MVTecAD",
+            "--data.category", "magnetic_tile", *map(str, data_flags(tile_root)), "--print_config"]
+    result = warm.run(argv, tmp_path, command_env(), tmp_path / "output")
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     assert "class_path: isstad_plugin.Cutpaste" in result.stdout
     assert "patch_stride: 8" in result.stdout
 
