@@ -2,9 +2,9 @@
 
 Each ``bash`` block of the README, ``docs/`` and the model cards is split into commands (``\\`` continuations
 joined, comments dropped) and every command runs, in the document's order, through ``bash`` in a scratch folder
-laid out like a checkout (``configs/`` and the ``Makefile`` linked in, ``../shared/data`` beside it), one folder
-per document: later commands use what earlier ones wrote (a checkpoint under ``results/.../latest``), as a reader
-following that document would.
+laid out like a checkout (``configs/`` and the ``Makefile`` linked in, ``../shared/data`` and ``../shared/weights``
+beside it), one folder per document: later commands use what earlier ones wrote (a checkpoint under
+``results/.../latest``), as a reader following that document would.
 
 What is added to a command, and why (nothing else is changed):
 
@@ -181,6 +181,7 @@ def workspace_for(tmp_path: Path, text: str) -> tuple[Path, dict[str, str]]:
     (main / ".venv" / ".isstad-installed").touch()
     (tmp_path / "shared").mkdir()
     (tmp_path / "shared" / "data").symlink_to(SHARED_DATA)
+    (tmp_path / "shared" / "weights").symlink_to(SHARED_DATA.parent / "weights")  # the offline ImageNet ViT-Tiny
     authors = "ISSTAD/saved_models/step1_saved_models/magnetic_tile/checkpoint-0.75.pth"
     if authors in text:  # made by the authors' own code (not downloadable): a stand-in, in their format
         mae_file(main / authors, FILE_DECODER_DEPTH, authors=True)
@@ -207,6 +208,7 @@ def test_every_command_is_complete(document: str) -> None:
         assert not PLACEHOLDER.search(command.replace("$CKPT", "")), f"{document}: placeholder in {command!r}"
         assert command.startswith(PROGRAMS), f"{document}: unknown program in {command!r}"
         for word in shlex.split(command):
+            word = word.rpartition("@")[2] if word.startswith("timm:") else word  # timm:<tag>@<file>: the file
             if word.startswith(("configs/", "../shared/")):
                 target = REPO / word if word.startswith("configs/") else SHARED_DATA.parent / word[len("../shared/"):]
                 assert target.exists(), f"{document}: {command!r} names {word}, which does not exist"

@@ -30,7 +30,7 @@ from .loss import FiniteLossGuard, Stage2Loss, masked_patch_mse
 from .optim import stage_optimizer
 from .options import NORMALIZATIONS, Normalization, ReconstructionTarget, check_options, stage1_augmentation
 from .stages import StagePlan, stage_callbacks
-from .torch_model import NETWORK_ARGUMENTS, IsstadModel
+from .torch_model import NETWORK_ARGUMENTS, IsstadModel, PositionEmbedding
 from .weights import DeferredWeights
 
 logger = logging.getLogger(__name__)
@@ -44,6 +44,7 @@ class Isstad(PluginModel, AnomalibModule):
     Args:
         backbone: Encoder size: ``vit_tiny``, ``vit_small``, ``vit_base`` or ``vit_large``.
         patch_size: ViT patch size.
+        position_embedding: The encoder's positions: ``sincos`` (MAE's fixed, the paper) or ``learned`` (timm's).
         image_size: Square input side in pixels; a multiple of ``patch_size``.
         decoder_embed_dim: Decoder width.
         decoder_depth: Decoder blocks; each has a pixel-status map.
@@ -105,6 +106,7 @@ class Isstad(PluginModel, AnomalibModule):
         self,
         backbone: str = "vit_large",
         patch_size: int = 16,
+        position_embedding: PositionEmbedding = "sincos",
         image_size: int = 224,
         decoder_embed_dim: int = 512,
         decoder_depth: int = 12,

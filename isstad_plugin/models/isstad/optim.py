@@ -39,12 +39,13 @@ def weight_decay_groups(
     model: nn.Module, weight_decay: float, include: Callable[[nn.Parameter], bool], **options: Any,  # noqa: ANN401
 ) -> list[dict[str, Any]]:
     """Trainable parameters of ``model`` that ``include`` accepts, as AdamW groups: weight decay on weights, none
-    on biases and other 1-D parameters (norms, tokens of one row), as timm's ``param_groups_weight_decay``;
-    empty groups are left out. ``options`` (e.g. ``lr``) go into both groups."""
+    on biases, other 1-D parameters (norms, tokens of one row) and those the model's ``no_weight_decay()`` names,
+    as timm's ``param_groups_weight_decay``; empty groups are left out. ``options`` (e.g. ``lr``) go into both."""
+    skip = set(model.no_weight_decay()) if hasattr(model, "no_weight_decay") else set()
     decay, no_decay = [], []
     for name, param in model.named_parameters():
         if param.requires_grad and include(param):
-            (no_decay if param.ndim <= 1 or name.endswith(".bias") else decay).append(param)
+            (no_decay if param.ndim <= 1 or name.endswith(".bias") or name in skip else decay).append(param)
     groups = [{"params": no_decay, "weight_decay": 0.0, **options}, {"params": decay, "weight_decay": weight_decay,
                                                                        **options}]
     return [group for group in groups if group["params"]]

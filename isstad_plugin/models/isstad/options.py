@@ -26,6 +26,10 @@ NORMALIZATIONS: dict[str, dict[str, tuple[float, float, float]]] = {
 
 # The reference page's notes beyond each option's one-line docstring (docs/configuration.md, isstad_plugin.docs).
 OPTION_DETAILS = {
+    "position_embedding": "``learned`` is a parameter, trained with the encoder in stage 1 and frozen with it in "
+                          "stage 2; weights from a file are resampled to the model's grid (timm's "
+                          "``resample_abs_pos_embed``); a from-scratch one starts as the sin-cos values. Weights "
+                          "trained with learned positions (timm's supervised, DeiT and DINO ViTs) need it.",
     "decoder_depth": "ISSTAD's stage-2 network has 12.",
     "stage2_encoder_blocks": "They train with the final norm; the encoder depth or more trains all of it.",
     "corruption_masks": "``shapes``: the paper's rectangles/ellipses/polygons; ``perlin``: Perlin-noise blobs as in "

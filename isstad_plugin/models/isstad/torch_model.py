@@ -17,7 +17,7 @@ from __future__ import annotations
 from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
 from functools import partial
-from typing import NamedTuple
+from typing import Literal, NamedTuple
 
 import torch
 from anomalib.data import InferenceBatch
@@ -32,11 +32,12 @@ from .anomaly_map import AnomalyMapGenerator, ImageScore, MapCalibration, MapKin
 from .feature_memory import PatchFeatureMemory
 
 # Isstad's options that IsstadModel takes under the same name (image_size and the normalisation are translated)
-NETWORK_ARGUMENTS = ("backbone", "patch_size", "decoder_embed_dim", "decoder_depth", "decoder_num_heads", "score_sigma",
+NETWORK_ARGUMENTS = ("backbone", "patch_size", "position_embedding", "decoder_embed_dim", "decoder_depth", "decoder_num_heads", "score_sigma",
                      "anomaly_map_kind", "image_score", "image_score_top_fraction", "map_calibration", "image_score_map",
                      "feature_memory_size")
 IMAGENET_MEAN: tuple[float, float, float] = tuple(IMAGENET_DEFAULT_MEAN)
 IMAGENET_STD: tuple[float, float, float] = tuple(IMAGENET_DEFAULT_STD)
+PositionEmbedding = Literal["sincos", "learned"]
 
 
 @dataclass(frozen=True)
@@ -111,6 +112,10 @@ class IsstadModel(nn.Module):
         backbone: Encoder size, one of :data:`VIT_VARIANTS`.
         image_size: ``(H, W)``, both multiples of ``patch_size``.
         patch_size: ViT patch size.
+        position_embedding: The encoder's ``pos_embed`` ``[1, 1 + L, E]``: ``sincos`` (MAE's fixed 2-D sin-cos, a
+            buffer recomputed for the grid) or ``learned`` (a parameter, as in timm's supervised and DINO ViTs:
+            trained with the encoder, loaded from a file resampled to the grid; starts as the sin-cos values).
+            The decoder's stays sin-cos either way (MAE's).
         decoder_embed_dim: Decoder width.
         decoder_depth: Number of decoder blocks (each gets a pixel-status map).
         decoder_num_heads: Decoder attention heads.
@@ -132,6 +137,7 @@ class IsstadModel(nn.Module):
         backbone: str = "vit_large",
         image_size: tuple[int, int] = (224, 224),
         patch_size: int = 16,
+        position_embedding: PositionEmbedding = "sincos",
         decoder_embed_dim: int = 512,
         decoder_depth: int = 12,
         decoder_num_heads: int = 16,
@@ -158,6 +164,9 @@ class IsstadModel(nn.Module):
                 f"use e.g. {_nearest_multiple(height, patch_size)}x{_nearest_multiple(width, patch_size)}."
             )
             raise input_error(msg)
+        if position_embedding not in {"sincos", "learned"}:
+            msg = f"position_embedding must be 'sincos' or 'learned', got {position_embedding!r}."
+            raise input_error(msg)
         variant = VIT_VARIANTS[backbone]
         if decoder_embed_dim % decoder_num_heads:
             msg = f"decoder_embed_dim {decoder_embed_dim} must be divisible by decoder_num_heads {decoder_num_heads}."
@@ -170,7 +179,12 @@ class IsstadModel(nn.Module):
         self.patch_embed = PatchEmbed(img_size=(height, width), patch_size=patch_size, in_chans=3,
                                       embed_dim=variant.embed_dim)
         self.cls_token = nn.Parameter(torch.zeros(1, 1, variant.embed_dim))
-        self.register_buffer("pos_embed", sincos_position_embedding(variant.embed_dim, self.grid_size))
+        self.position_embedding = position_embedding
+        encoder_positions = sincos_position_embedding(variant.embed_dim, self.grid_size)
+        if position_embedding == "learned":
+            self.pos_embed = nn.Parameter(encoder_positions)
+        else:
+            self.register_buffer("pos_embed", encoder_positions)
         self.blocks = nn.ModuleList(
             Block(variant.embed_dim, variant.num_heads, mlp_ratio, qkv_bias=True, norm_layer=norm_layer)
             for _ in range(variant.depth)
@@ -224,11 +238,15 @@ class IsstadModel(nn.Module):
         return [self.patch_embed, self.blocks, self.norm]
 
     def encoder_parameters(self) -> list[nn.Parameter]:
-        """All encoder parameters: patch embedding, cls token, blocks and final norm."""
-        params = [self.cls_token]
+        """All encoder parameters: cls token, learned position embedding (if any), patch embedding, blocks, norm."""
+        params = [self.cls_token, *([self.pos_embed] if isinstance(self.pos_embed, nn.Parameter) else [])]
         for module in self.encoder_modules():
             params.extend(module.parameters())
         return params
+
+    def no_weight_decay(self) -> set[str]:
+        """Parameters AdamW does not decay (timm's convention): a learned position embedding."""
+        return {"pos_embed"} if self.position_embedding == "learned" else set()
 
     def decoder_parameters(self) -> list[nn.Parameter]:
         """Every parameter that is not part of the encoder (decoder and both heads)."""

@@ -21,13 +21,23 @@ Pickled files are read with ``torch.load(..., weights_only=True)`` only, allow-l
 checkpoint types and ``argparse.Namespace`` (the authors' stage-1 files keep their command line under ``args``).
 
 Rules: every tensor of the file is loaded, or reported as ignored (with counts and key prefixes) in one INFO
-log line that also lists what stayed initialised. The fixed sin-cos position embeddings (``pos_embed``,
-``decoder_pos_embed``) are never copied: the model computes them for its own grid; the file's are checked to
-be MAE's sin-cos embedding for their grid (else the weights were trained with learned positions, which this
-network cannot represent). A decoder deeper than the file's keeps the loaded blocks and initialises the rest;
-heads absent from the file (``mask_pred`` in MAE files) stay initialised. Any other shape difference, an
-encoder of a different depth, or a file decoder deeper than the model's raises ``ValueError`` naming the
-first mismatching keys with both shapes and the settings that would fit the file.
+log line that also lists what stayed initialised.
+
+- Position embeddings. Fixed sin-cos ones (``decoder_pos_embed``, and ``pos_embed`` of a
+  ``position_embedding="sincos"`` model) are never copied: the model computes them for its own grid; the file's
+  are checked to be MAE's sin-cos embedding for their grid, else the weights were trained with learned positions
+  and the message names ``position_embedding: learned``. A ``learned`` model takes the file's ``pos_embed``
+  resampled to its grid by timm's ``resample_abs_pos_embed`` (bicubic), whatever the image size; a file without
+  a cls position (timm's ``no_embed_class``) gives the cls token none, as timm does.
+- Other timm families: DeiT's distillation token (``dist_token``, with its position) is dropped and named in the
+  log line (the encoder has the cls token only; the patch tokens then differ slightly from DeiT's own); a
+  global-pool ViT's ``fc_norm`` serves as the final ``norm``. Parts the encoder does not have (register tokens,
+  LayerScale, QK-norm, a pre-norm, a patch-embedding norm) raise ``ValueError`` naming them: the network would
+  compute something else than the file's.
+- A decoder deeper than the file's keeps the loaded blocks and initialises the rest; heads absent from the file
+  (``mask_pred`` in MAE files) stay initialised. Any other shape difference (e.g. patch 14 against 16), an
+  encoder of a different depth, or a file decoder deeper than the model's raises ``ValueError`` naming the first
+  mismatching keys with both shapes and the settings that would fit the file.
 
 Example:
     >>> model = IsstadModel("vit_base", decoder_depth=12)
@@ -50,6 +60,7 @@ from typing import Any
 
 import torch
 from anomalib.utils.serialization import anomalib_safe_globals
+from timm.layers import resample_abs_pos_embed
 
 from .torch_model import VIT_VARIANTS, IsstadModel, sincos_position_embedding
 
@@ -57,6 +68,15 @@ logger = logging.getLogger(__name__)
 
 TIMM_PREFIX = "timm:"
 FIXED_POSITION_KEYS = ("pos_embed", "decoder_pos_embed")
+DROPPED_PREFIX_TOKENS = {"dist_token": "DeiT's distillation token"}
+# encoder parts of other ViT families that IsstadModel's encoder lacks (key pattern -> what it is)
+UNSUPPORTED_PARTS = {
+    r"^reg_token$": "register tokens",
+    r"^blocks\.\d+\.ls[12]\.": "LayerScale (ls1/ls2)",
+    r"^blocks\.\d+\.attn\.[qk]_norm\.": "QK-norm",
+    r"^norm_pre\.": "a pre-norm before the blocks (norm_pre)",
+    r"^patch_embed\.norm\.": "a norm in the patch embedding",
+}
 SINCOS_TOLERANCE = 1e-4
 MAX_LISTED_MISMATCHES = 6
 _BLOCK_KEY = re.compile(r"^(blocks|decoder_blocks)\.(\d+)\.(.+)$")
@@ -86,6 +106,8 @@ class WeightsReport:
     loaded: list[str]
     renamed: dict[str, str]
     recomputed: dict[str, str]
+    resampled: dict[str, str]
+    dropped: dict[str, str]
     new: list[str]
     ignored: list[str]
     unused_entries: list[str]
@@ -99,8 +121,12 @@ class WeightsReport:
         if self.renamed:
             parts.append("renamed " + ", ".join(f"{src} -> {dst}" for src, dst in self.renamed.items()))
         gh, gw = self.grid_size
+        for key, how in self.resampled.items():
+            parts.append(f"learned position embedding {key} {how}")
         checked = ", ".join(f"{key}: {status}" for key, status in self.recomputed.items()) or "none in file"
         parts.append(f"fixed sin-cos position embeddings computed for the {gh}x{gw} grid, not copied [{checked}]")
+        for key, why in self.dropped.items():
+            parts.append(f"dropped {key} ({why}: this encoder has the cls token only) and its position")
         parts.append(f"new (kept initialised) {len(self.new)} tensors [{summarize_keys(self.new)}]")
         parts.append(f"ignored {len(self.ignored)} tensors [{summarize_keys(self.ignored)}]")
         if self.unused_entries:
@@ -187,8 +213,13 @@ def apply_state(model: IsstadModel, weights: WeightsFile) -> WeightsReport:
         # timm / MAE fine-tune files with global pooling keep the encoder's final LayerNorm as fc_norm.
         renamed = {f"fc_norm.{p}": f"norm.{p}" for p in ("weight", "bias") if f"fc_norm.{p}" in state}
 
+    _refuse_unsupported_parts(model, weights)
+    learned = model.position_embedding == "learned"
+    fixed_keys = {"decoder_pos_embed"} | (set() if learned else {"pos_embed"})
+    dropped = {key: why for key, why in DROPPED_PREFIX_TOKENS.items() if isinstance(state.get(key), torch.Tensor)}
     loaded: dict[str, torch.Tensor] = {}
     fixed: dict[str, torch.Tensor] = {}
+    resampled: dict[str, str] = {}
     ignored: list[str] = []
     mismatches: list[tuple[str, tuple[int, ...] | None, tuple[int, ...] | None]] = []
     for key, value in state.items():
@@ -200,8 +231,12 @@ def apply_state(model: IsstadModel, weights: WeightsFile) -> WeightsReport:
             if target in FIXED_POSITION_KEYS:
                 if value.ndim != 3 or value.shape[-1] != expected[-1]:
                     mismatches.append((key, tuple(value.shape), tuple(expected)))
+                elif target in fixed_keys:
+                    fixed[target] = _without_dropped_tokens(value, dropped, model, weights.source) \
+                        if target == "pos_embed" else value
                 else:
-                    fixed[target] = value
+                    loaded[target], resampled[target] = _resampled(
+                        _without_dropped_tokens(value, dropped, model, weights.source), model, weights.source)
             elif value.shape != expected:
                 mismatches.append((key, tuple(value.shape), tuple(expected)))
             else:
@@ -226,7 +261,7 @@ def apply_state(model: IsstadModel, weights: WeightsFile) -> WeightsReport:
     if result.unexpected_keys:  # cannot happen: every loaded key was taken from the model's own state
         msg = f"Unexpected keys {result.unexpected_keys}."
         raise RuntimeError(msg)
-    new = [key for key in model_state if key not in loaded and key not in FIXED_POSITION_KEYS]
+    new = [key for key in model_state if key not in loaded and key not in fixed_keys]
     return WeightsReport(
         source=weights.source,
         kind=weights.kind,
@@ -234,6 +269,8 @@ def apply_state(model: IsstadModel, weights: WeightsFile) -> WeightsReport:
         loaded=[key for key in model_state if key in loaded],
         renamed=renamed,
         recomputed=recomputed,
+        resampled=resampled,
+        dropped=dropped,
         new=new,
         ignored=ignored,
         unused_entries=weights.unused_entries,
@@ -359,22 +396,78 @@ def _missing_encoder_blocks(
     ]
 
 
+def _refuse_unsupported_parts(model: IsstadModel, weights: WeightsFile) -> None:
+    """Fail, naming them, on encoder parts of other ViT families that the network lacks (see the module docstring)."""
+    found: dict[str, list[str]] = {}
+    for key in weights.state:
+        for pattern, what in UNSUPPORTED_PARTS.items():
+            if re.match(pattern, key):
+                found.setdefault(what, []).append(key)
+    if found:
+        listed = "; ".join(f"{what} ({summarize_keys(keys)})" for what, keys in found.items())
+        msg = (
+            f"Weights {weights.source!r} ({weights.kind}) come from a ViT family with encoder parts that ISSTAD's "
+            f"network ({len(model.blocks)} plain pre-norm blocks, a cls token, a linear patch embedding) does not "
+            f"have: {listed}. Loading the rest would compute another network than the file's; use a plain ViT's "
+            "weights (MAE, timm's augreg/DeiT/DINO ViTs)."
+        )
+        raise ValueError(msg)
+
+
+def _without_dropped_tokens(value: torch.Tensor, dropped: dict[str, str], model: IsstadModel,
+                            source: str) -> torch.Tensor:
+    """A file's ``pos_embed`` ``[1, N, E]`` with the positions of the dropped prefix tokens removed (DeiT's
+    distillation token sits second, after the cls token), as ``[1, (1 or 0) + gh * gw, E]``."""
+    prefix, _ = _position_layout(value, 1 + len(dropped), model.grid_size, source)
+    if prefix <= 1:
+        return value
+    return torch.cat([value[:, :1], value[:, prefix:]], dim=1)
+
+
+def _position_layout(value: torch.Tensor, prefix: int, model_grid: tuple[int, int],
+                     source: str) -> tuple[int, tuple[int, int]]:
+    """``(prefix tokens, grid)`` of a file's ``pos_embed`` ``[1, N, E]``: ``prefix`` positions before the grid, or
+    none (timm's ``no_embed_class``); the model's grid when its size fits, else a square one."""
+    tokens = value.shape[1]
+    for count in (prefix, 0):
+        if tokens - count == model_grid[0] * model_grid[1]:
+            return count, model_grid
+        side = math.isqrt(max(tokens - count, 0))
+        if side and side * side == tokens - count:
+            return count, (side, side)
+    msg = (f"pos_embed in {source!r} has {tokens} positions: neither {prefix} prefix token(s) nor none before a "
+           "square grid of patches, so its grid cannot be told.")
+    raise ValueError(msg)
+
+
+def _resampled(value: torch.Tensor, model: IsstadModel, source: str) -> tuple[torch.Tensor, str]:
+    """A file's learned ``pos_embed`` resampled to the model's grid (timm's ``resample_abs_pos_embed``, bicubic),
+    as ``[1, 1 + gh * gw, E]``; and what was done, for the log line."""
+    prefix, grid = _position_layout(value, 1, model.grid_size, source)
+    out = resample_abs_pos_embed(value.float(), new_size=list(model.grid_size), old_size=list(grid),
+                                 num_prefix_tokens=prefix)
+    if prefix == 0:  # no cls position in the file: the cls token gets none, as in timm
+        out = torch.cat([out.new_zeros(1, 1, out.shape[-1]), out], dim=1)
+    gh, gw = model.grid_size
+    how = (f"copied (file grid {grid[0]}x{grid[1]})" if grid == model.grid_size else
+           f"resampled from the file's {grid[0]}x{grid[1]} grid to {gh}x{gw} (timm's resample_abs_pos_embed, bicubic)")
+    return out.to(value.dtype), how + ("" if prefix else "; the file has no cls position: zero, as timm's")
+
+
 def _check_sincos(key: str, value: torch.Tensor, model: IsstadModel, source: str) -> str:
     """Verify that the file's fixed position embedding is MAE's sin-cos one for its grid (it is not copied)."""
-    tokens, dim = value.shape[1], value.shape[2]
-    grid = model.grid_size
-    if tokens - 1 != grid[0] * grid[1]:
-        side = math.isqrt(tokens - 1)
-        if side * side != tokens - 1:
-            return f"file has {tokens} tokens, grid not square, not verified"
-        grid = (side, side)
-    expected = sincos_position_embedding(dim, grid)
+    dim = value.shape[2]
+    prefix, grid = _position_layout(value, 1, model.grid_size, source)
+    expected = sincos_position_embedding(dim, grid, cls_token=bool(prefix))
     error = (value.float() - expected).abs().max().item()
     if error > SINCOS_TOLERANCE:
+        option = "position_embedding: learned (--model.position_embedding learned)" if key == "pos_embed" else None
+        fix = (f"; to load them, build the model with {option}" if option else
+               " (the decoder's positions are MAE's fixed sin-cos in every ISSTAD network)")
         msg = (
             f"{key} in {source!r} is not MAE's fixed 2-D sin-cos embedding for a {grid[0]}x{grid[1]} grid "
             f"(max |difference| {error:.3g}): these weights were trained with learned position embeddings, which "
-            "IsstadModel does not have (its position embeddings are fixed and recomputed for the image size)."
+            f"this network's fixed sin-cos ones (recomputed for the image size) do not hold{fix}."
         )
         raise ValueError(msg)
     return f"file grid {grid[0]}x{grid[1]}, sin-cos verified"
