@@ -60,8 +60,9 @@ def checkpoints(benchmark: Path) -> list[tuple[dict, Path]]:
 def rescored(checkpoint: Path, overrides: dict):  # noqa: ANN201 (an Isstad)
     """The checkpoint's trained network with another scoring (options of the checkpoint, ``overrides`` over them)."""
     from isstad_plugin import Isstad
+    from isstad_plugin.models.components.checkpoints import read_checkpoint
 
-    state = torch.load(checkpoint, map_location="cpu", weights_only=False)
+    state = read_checkpoint(checkpoint)  # an untrusted pickle: weights_only, anomalib's allow-list
     options = {**state["hyper_parameters"], **overrides}
     model = Isstad(**{k: v for k, v in options.items() if k not in {"pre_processor", "post_processor", "evaluator",
                                                                      "visualizer"}})

@@ -56,10 +56,10 @@ def stage1_checkpoint(work: Path, variant: str, seed: int) -> Path:
 
 def finished_checkpoint(work: Path, variant: str, seed: int) -> Path | None:
     """The newest ``model.ckpt`` of ``variant``/``seed`` written after its last epoch, else None."""
-    import torch
+    from isstad_plugin.models.components.checkpoints import read_checkpoint
 
     for path in sorted(run_dir(work, variant, seed).rglob("model.ckpt"), key=lambda p: p.stat().st_mtime, reverse=True):
-        checkpoint = torch.load(path, map_location="cpu", weights_only=False)
+        checkpoint = read_checkpoint(path)  # an untrusted pickle: weights_only, anomalib's allow-list
         plan = checkpoint.get("isstad_stage_plan") or {}
         if plan and checkpoint.get("epoch", -1) + 1 >= plan["stage1_epochs"] + plan["stage2_epochs"]:
             return path

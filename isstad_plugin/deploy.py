@@ -197,15 +197,13 @@ def load_trained_model(path: Path) -> Any:  # noqa: ANN401 (an AnomalibModule; i
     Read as anomalib's Engine reads it (``weights_only`` with anomalib's allow-list, our file checks); the model is
     chosen by the options the checkpoint holds, built with them and given the trained state.
     """
-    from anomalib.engine.plugins.checkpoint_io import AnomalibCheckpointIO
-
     from isstad_plugin.models import Cutpaste, Isstad
-    from isstad_plugin.models.components.checkpoints import SafeCheckpointIO
+    from isstad_plugin.models.components.checkpoints import read_checkpoint
 
     if not path.is_file():
         msg = f"Model file {path} does not exist."
         raise FileNotFoundError(msg)
-    checkpoint = SafeCheckpointIO(AnomalibCheckpointIO()).load_checkpoint(path)
+    checkpoint = read_checkpoint(path)
     options = set(checkpoint.get("hyper_parameters") or {})
     fitting = [cls for cls in (Isstad, Cutpaste) if options and options <= set(inspect.signature(cls).parameters)]
     if len(fitting) != 1 or "state_dict" not in checkpoint:

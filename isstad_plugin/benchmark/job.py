@@ -113,12 +113,9 @@ def load_trained(model: Any, source: Path) -> tuple[float, float, float | None]:
     if not result.is_file() or not checkpoints:
         msg = f"{source} holds no finished row to rescore: run that row first (it is listed before this one)."
         raise FileNotFoundError(msg)
-    from anomalib.engine.plugins.checkpoint_io import AnomalibCheckpointIO
+    from isstad_plugin.models.components.checkpoints import read_checkpoint
 
-    from isstad_plugin.models.components.checkpoints import SafeCheckpointIO
-
-    # read as anomalib's Engine reads a checkpoint (weights_only with anomalib's allow-list, our file checks)
-    state = SafeCheckpointIO(AnomalibCheckpointIO()).load_checkpoint(checkpoints[-1])["state_dict"]
+    state = read_checkpoint(checkpoints[-1])["state_dict"]
     missing, unexpected = model.load_state_dict(state, strict=False)
     if unexpected or any(not key.startswith("model.feature_memory.") for key in missing):
         msg = (f"{checkpoints[-1]} does not fit this run's network (missing {missing}, unexpected {unexpected}): a "

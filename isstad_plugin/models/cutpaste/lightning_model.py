@@ -320,8 +320,7 @@ class Cutpaste(PluginModel, AnomalibModule):
             return None
         dataset = copy.copy(dataset)
         # Without the per-image resize, a batch of differently sized images would be collated at its largest image's
-        # size and resized twice (magnetic_tile: validation image AUROC 0.885, against 0.891 fitted like the
-        # scored images; benchmarks/cutpaste_diagnosis.py)
+        # size and resized twice: the densities would be fitted on other features than those scored
         resizes = extract_transforms_by_type(getattr(self.pre_processor, "transform", None), Resize)
         dataset.augmentations = resizes[0] if resizes else None
         return DataLoader(dataset, batch_size=getattr(datamodule, "eval_batch_size", 32), shuffle=False,

@@ -7,8 +7,8 @@ more than ``size``), and an image scores the largest distance of any of its patc
 
 The coreset's greedy selection is anomalib's, with one change (:class:`LeanKCenterGreedy`): each step's distances
 to the new centre come from a matrix-vector product and the tokens' squared norms, computed once, instead of anomalib's
-``[N, d]`` difference per step. Thousands of such temporaries fragmented glibc's heap until a 4096-token coreset of
-59k tokens held 24 GB and was killed (seen here); the lean update holds ``[N]`` vectors only.
+``[N, d]`` difference per step: thousands of such temporaries fragment glibc's heap (a 4096-token coreset of 59k
+tokens grows past 20 GB), while the lean update holds ``[N]`` vectors only.
 
 The bank is a buffer of fixed shape ``[size, D]`` (saved in checkpoints, part of the export); it is filled from the
 training images when validation starts, as the map calibration is (:func:`.anomaly_map.calibrate_on_training_images`).

@@ -7,7 +7,7 @@ per-epoch cosine annealing; frozen parameters left out, trained encoder blocks a
 :func:`adamw` runs one fused kernel over all parameters instead of a Python loop per tensor.
 
 torch picks the ``foreach`` implementation by default on CUDA only; on a CPU AdamW runs its single-tensor loop
-(31 % of a vit_tiny training profile, issue #15). The fused kernel (CPU and CUDA since torch 2.4) computes the
+(31 % of a vit_tiny training profile). The fused kernel (CPU and CUDA since torch 2.4) computes the
 same update (tests/models/isstad/test_optim.py compares them).
 """
 
