@@ -108,7 +108,7 @@ def read_checkpoint(path: str | Path) -> dict[str, Any]:
     """A Lightning checkpoint as anomalib's Engine reads it: ``torch.load(weights_only=True)`` with anomalib's
     allow-list (``AnomalibCheckpointIO``), after :func:`check_checkpoint_file`. The one reader of trained checkpoints
     outside a trainer (``isstad-predict``, the benchmark, the scripts): a checkpoint is an untrusted pickle."""
-    from anomalib.engine.plugins.checkpoint_io import AnomalibCheckpointIO  # noqa: PLC0415 (anomalib is heavy)
+    from anomalib.engine.plugins.checkpoint_io import AnomalibCheckpointIO
 
     return SafeCheckpointIO(AnomalibCheckpointIO()).load_checkpoint(path)
 
