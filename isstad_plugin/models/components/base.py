@@ -63,6 +63,16 @@ logger = logging.getLogger(__name__)
 LIGHTNING_DEFAULT_MAX_EPOCHS = 1000  # a trainer with this max_epochs and no max_steps was given no budget
 
 
+def user_epoch_budget(trainer: Any) -> int | None:
+    """The trainer's ``max_epochs`` when the user gave a budget, ``None`` when they gave neither ``max_epochs`` nor
+    ``max_steps`` (Lightning then holds its default of 1000 epochs): the one rule both plugin models follow to train
+    for their own epochs. (Before the trainer exists, :func:`isstad_plugin.patches.model_epoch_budget` applies the
+    same rule to the Engine's cached arguments, where "not given" is ``None``.)"""
+    if trainer.max_epochs == LIGHTNING_DEFAULT_MAX_EPOCHS and trainer.max_steps == -1:
+        return None
+    return trainer.max_epochs
+
+
 def describe_data(datamodule: Any) -> str:  # noqa: ANN401
     """``MVTecAD magnetic_tile (300 training images)`` for a fit's first log line; ``the loaders`` without one."""
     if datamodule is None:

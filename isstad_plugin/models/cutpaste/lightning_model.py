@@ -37,7 +37,7 @@ from torchvision.transforms.v2 import Resize
 
 from isstad_plugin.errors import input_error
 from isstad_plugin.models.components.arguments import check_numbers
-from isstad_plugin.models.components.base import LIGHTNING_DEFAULT_MAX_EPOCHS, PluginModel, describe_data
+from isstad_plugin.models.components.base import PluginModel, describe_data, user_epoch_budget
 from isstad_plugin.models.components.smoothing import gaussian_radius
 from isstad_plugin.models.components.thresholds import DEFAULT_FALSE_ALARM_RATE
 
@@ -142,7 +142,7 @@ class Cutpaste(PluginModel, AnomalibModule):
         model's ``max_epochs``. Runs before ``configure_optimizers``, so the cosine schedule spans the budget used."""
         super().setup(stage)
         trainer = self.trainer
-        if stage == "fit" and trainer.max_epochs == LIGHTNING_DEFAULT_MAX_EPOCHS and trainer.max_steps == -1:
+        if stage == "fit" and user_epoch_budget(trainer) is None:
             logger.info("No max_epochs given to the trainer: CutPaste trains for max_epochs=%d.",
                         self.hparams.max_epochs)
             trainer.fit_loop.max_epochs = self.hparams.max_epochs

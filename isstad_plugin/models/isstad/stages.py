@@ -30,7 +30,7 @@ from lightning.pytorch.callbacks import EarlyStopping, Timer
 from lightning.pytorch.callbacks import ModelCheckpoint as LightningModelCheckpoint
 from lightning.pytorch.trainer.states import TrainerFn
 
-from isstad_plugin.models.components.base import LIGHTNING_DEFAULT_MAX_EPOCHS, describe_data
+from isstad_plugin.models.components.base import describe_data, user_epoch_budget
 from isstad_plugin.patches import ddp_allow_unused_parameters
 
 logger = logging.getLogger(__name__)
@@ -98,41 +98,32 @@ class StagePlan:
         return cls(hparams["stage1_epochs"], hparams["stage2_epochs"], hparams["stage1_warmup_epochs"],
                    hparams["stage2_cosine_epochs"])
 
-    @classmethod
-    def fit_budget(
-        cls,
-        stage1_epochs: int,
-        stage2_epochs: int,
-        stage1_warmup_epochs: float,
-        stage2_cosine_epochs: int,
-        budget: int | None,
-    ) -> tuple[StagePlan, str | None]:
-        """Scale both stages to a shorter epoch ``budget``; returns the plan and a message when scaled.
+    def fitted_to(self, budget: int | None) -> tuple[StagePlan, str | None]:
+        """This (configured) plan scaled to a shorter epoch ``budget``; returns the plan and a message when scaled.
 
         A budget of at least the configured total (or none) keeps the configured epochs. A shorter budget
         shrinks both stages in proportion; stage 2 (which trains the scoring heads) keeps at least one epoch.
         """
-        configured = cls(stage1_epochs, stage2_epochs, stage1_warmup_epochs, stage2_cosine_epochs)
-        total = configured.total_epochs
+        total = self.total_epochs
         if budget is None or budget < 0 or budget >= total:
-            return configured, None
+            return self, None
         if budget == 0:
             msg = "max_epochs=0 leaves no epoch for ISSTAD's stage 2; give at least 1."
             raise ValueError(msg)
-        stage2 = max(1, round(budget * stage2_epochs / total)) if stage2_epochs else 0
+        stage2 = max(1, round(budget * self.stage2_epochs / total)) if self.stage2_epochs else 0
         stage1 = budget - stage2
-        ratio1 = stage1 / stage1_epochs if stage1_epochs else 0.0
-        ratio2 = stage2 / stage2_epochs if stage2_epochs else 0.0
-        plan = cls(
+        ratio1 = stage1 / self.stage1_epochs if self.stage1_epochs else 0.0
+        ratio2 = stage2 / self.stage2_epochs if self.stage2_epochs else 0.0
+        plan = StagePlan(
             stage1_epochs=stage1,
             stage2_epochs=stage2,
-            stage1_warmup_epochs=stage1_warmup_epochs * ratio1,
-            stage2_cosine_epochs=max(1, round(stage2_cosine_epochs * ratio2)),
+            stage1_warmup_epochs=self.stage1_warmup_epochs * ratio1,
+            stage2_cosine_epochs=max(1, round(self.stage2_cosine_epochs * ratio2)),
         )
         message = (
             f"ISSTAD: trainer budget max_epochs={budget} is shorter than stage1_epochs + stage2_epochs = "
-            f"{stage1_epochs} + {stage2_epochs}; scaled both stages to {plan.stage1_epochs} + {plan.stage2_epochs} "
-            f"epochs (stage-1 warm-up {plan.stage1_warmup_epochs:.2f}, stage-2 cosine period "
+            f"{self.stage1_epochs} + {self.stage2_epochs}; scaled both stages to {plan.stage1_epochs} + "
+            f"{plan.stage2_epochs} epochs (stage-1 warm-up {plan.stage1_warmup_epochs:.2f}, stage-2 cosine period "
             f"{plan.stage2_cosine_epochs})."
         )
         return plan, message
@@ -256,17 +247,8 @@ def describe_fit(trainer: Trainer, hparams: dict, plan: StagePlan) -> str:
 
 
 def plan_for_trainer(trainer: Trainer, hparams: dict) -> tuple[StagePlan, str | None]:
-    """The stage plan for this trainer's epoch budget (Lightning's default budget means: the stages decide)."""
-    budget = trainer.max_epochs
-    if budget == LIGHTNING_DEFAULT_MAX_EPOCHS and trainer.max_steps == -1:
-        budget = None  # Lightning's default, not a user's choice: the stages decide the length.
-    return StagePlan.fit_budget(
-        hparams["stage1_epochs"],
-        hparams["stage2_epochs"],
-        hparams["stage1_warmup_epochs"],
-        hparams["stage2_cosine_epochs"],
-        budget,
-    )
+    """The stage plan for this trainer's epoch budget (none given: the stages decide the length)."""
+    return StagePlan.from_options(hparams).fitted_to(user_epoch_budget(trainer))
 
 
 class StageCheckpoint(ModelCheckpoint):

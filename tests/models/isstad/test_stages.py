@@ -79,13 +79,14 @@ def test_shorter_trainer_budget_scales_both_stages(
 
 
 def test_budget_plan_arithmetic() -> None:
-    plan, message = StagePlan.fit_budget(305, 200, 40, 30, budget=None)
+    configured = StagePlan(305, 200, 40, 30)
+    plan, message = configured.fitted_to(None)
     assert (plan.stage1_epochs, plan.stage2_epochs, message) == (305, 200, None)
-    plan, message = StagePlan.fit_budget(305, 200, 40, 30, budget=101)
+    plan, message = configured.fitted_to(101)
     assert (plan.stage1_epochs, plan.stage2_epochs) == (61, 40)
     assert plan.stage1_warmup_epochs == pytest.approx(40 * 61 / 305)
     assert plan.stage2_cosine_epochs == 6
-    plan, _ = StagePlan.fit_budget(305, 200, 40, 30, budget=1)  # Engine(max_epochs=1): stage 2 only
+    plan, _ = configured.fitted_to(1)  # Engine(max_epochs=1): stage 2 only
     assert (plan.stage1_epochs, plan.stage2_epochs) == (0, 1)
     assert [plan.stage_at(e) for e in range(1)] == [2]
 
