@@ -9,11 +9,12 @@ import subprocess
 import tempfile
 import time
 from pathlib import Path
+from statistics import median
 
 import yaml
 
 from isstad_plugin.benchmark.report import markdown_table, write_page
-from isstad_plugin.benchmark.timing import machine, matmul_peak_gflops, median, p90, time_calls
+from isstad_plugin.benchmark.timing import machine, matmul_peak_gflops, p90, time_calls
 
 __all__ = ["DOCS", "REPO", "headless_chromium", "load_search", "machine", "markdown_table", "matmul_peak_gflops", "median", "p90", "time_calls",
            "write_page"]

@@ -14,6 +14,7 @@ import resource
 import sys
 import time
 from pathlib import Path
+from statistics import median
 from typing import Any
 
 import torch
@@ -22,7 +23,7 @@ from isstad_plugin.data_checks import IMAGE_SUFFIXES
 
 from .report import METRICS
 from .scoring import score_module
-from .timing import cpu_label, median, time_calls
+from .timing import cpu_label, time_calls
 
 # anomalib's Evaluator names of the metrics (``image_F1Score``), as the test run reports them
 ANOMALIB_NAMES = {"image_F1": "image_F1Score", "pixel_F1": "pixel_F1Score"}

@@ -23,10 +23,6 @@ def time_calls(fn: Callable[[], object], repeats: int, warmup: int = 2) -> list[
     return times
 
 
-def median(values: Sequence[float]) -> float:
-    return statistics.median(values)
-
-
 def p90(values: Sequence[float]) -> float:
     ordered = sorted(values)
     return ordered[min(len(ordered) - 1, round(0.9 * (len(ordered) - 1)))]
@@ -80,7 +76,7 @@ def matmul_peak_gflops(threads: int, size: int = 2048, repeats: int = 10) -> flo
     previous = torch.get_num_threads()
     torch.set_num_threads(threads)
     a, b = torch.randn(size, size), torch.randn(size, size)
-    seconds = median(time_calls(lambda: torch.mm(a, b), repeats, warmup=3))
+    seconds = statistics.median(time_calls(lambda: torch.mm(a, b), repeats, warmup=3))
     torch.set_num_threads(previous)
     return 2 * size**3 / seconds / 1e9
 

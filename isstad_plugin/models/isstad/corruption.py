@@ -20,7 +20,7 @@ import torch.nn.functional as F  # noqa: N812
 from anomalib.data.utils.generators.perlin import generate_perlin_noise
 from kornia.color import rgb_to_grayscale
 from kornia.contrib import connected_components
-from kornia.filters import filter2d_separable
+from kornia.filters import gaussian_blur2d
 from torch import Tensor
 
 from isstad_plugin.models.components.seeding import SeededAugmentation, check_images
@@ -463,18 +463,18 @@ class SyntheticCorruption(SeededAugmentation):
         return (a * x + b * gray + c).clamp(0, 1)
 
     def _blur(self, x: Tensor, gen: torch.Generator | None) -> Tensor:
-        """Gaussian blur, sigma = side * fraction drawn per sample in ``blur_sigma_fraction``, reflect borders."""
+        """Gaussian blur (kornia's ``gaussian_blur2d``, one sigma per sample), sigma = side * fraction drawn per sample
+        in ``blur_sigma_fraction``, reflect borders; each axis's kernel spans 3 sigma of the largest fraction, at most
+        ``2 * side - 1`` taps."""
         b, _, h, w = x.shape
         low, high = self.blur_sigma_fraction
         fraction = _uniform((b, 1), low, high, gen, x.device).to(x.dtype)
 
-        def kernel(side: int) -> Tensor:
-            size = min(2 * math.ceil(3 * high * side) + 1, 2 * side - 1)
-            t = torch.arange(size, device=x.device, dtype=x.dtype) - size // 2
-            k = torch.exp(-(t**2) / (2 * (fraction * side) ** 2))
-            return k / k.sum(1, keepdim=True)
+        def taps(side: int) -> int:
+            return min(2 * math.ceil(3 * high * side) + 1, 2 * side - 1)
 
-        return filter2d_separable(x, kernel(w), kernel(h), border_type="reflect")
+        sigma = torch.cat([fraction * h, fraction * w], dim=1)  # [B, 2]: (y, x)
+        return gaussian_blur2d(x, (taps(h), taps(w)), sigma, border_type="reflect")
 
     def _flip(self, x: Tensor, gen: torch.Generator | None) -> Tensor:
         """Horizontal, vertical or both, per sample."""
