@@ -32,9 +32,9 @@ from .anomaly_map import AnomalyMapGenerator, ImageScore, MapCalibration, MapKin
 from .feature_memory import PatchFeatureMemory
 
 # Isstad's options that IsstadModel takes under the same name (image_size and the normalisation are translated)
-NETWORK_ARGUMENTS = ("backbone", "patch_size", "position_embedding", "decoder_embed_dim", "decoder_depth", "decoder_num_heads", "score_sigma",
-                     "anomaly_map_kind", "image_score", "image_score_top_fraction", "map_calibration", "image_score_map",
-                     "feature_memory_size")
+NETWORK_ARGUMENTS = ("backbone", "patch_size", "position_embedding", "decoder_embed_dim", "decoder_depth",
+                     "decoder_num_heads", "score_sigma", "anomaly_map_kind", "image_score", "image_score_top_fraction",
+                     "map_calibration", "image_score_map", "feature_memory_size")
 IMAGENET_MEAN: tuple[float, float, float] = tuple(IMAGENET_DEFAULT_MEAN)
 IMAGENET_STD: tuple[float, float, float] = tuple(IMAGENET_DEFAULT_STD)
 PositionEmbedding = Literal["sincos", "learned"]

@@ -229,7 +229,8 @@ def test_learned_positions_travel_through_the_checkpoint_onnx_and_openvino(tmp_p
     options = {"backbone": "vit_tiny", "image_size": 64, "position_embedding": "learned", **SMALL_DECODER}
     model = Isstad(**options, post_processor=False, visualizer=False, evaluator=False).eval()
     with torch.no_grad():
-        model.model.pos_embed.copy_(torch.randn(model.model.pos_embed.shape, generator=torch.Generator().manual_seed(3)))
+        shape = model.model.pos_embed.shape
+        model.model.pos_embed.copy_(torch.randn(shape, generator=torch.Generator().manual_seed(3)))
     restored = Isstad(**options, post_processor=False, visualizer=False, evaluator=False).eval()
     restored.load_state_dict(model.state_dict())
     assert torch.equal(restored.model.pos_embed, model.model.pos_embed)
