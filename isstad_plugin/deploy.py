@@ -318,6 +318,7 @@ def predict_paths(
     rows, entries = [], []
     try:
         for path, name in plan.images:
+            shown = name.with_suffix(path.suffix).as_posix()  # the card's name: the input's path, as mirrored
             try:
                 if path in unreadable:
                     raise ValueError(unreadable[path])
@@ -327,8 +328,7 @@ def predict_paths(
                     raise
                 rows.append({"image": str(path), "pred_score": "", "pred_label": "", "overlay": "",
                              "status": f"unreadable: {error}"})
-                entries.append(ReportEntry(image=str(path), name=name.with_suffix(path.suffix).as_posix(),
-                                           problem=str(error)))
+                entries.append(ReportEntry(image=str(path), name=shown, problem=str(error)))
                 continue
             result = model(prepare(image, model.input_size))
             score, label = float(result["pred_score"].reshape(-1)[0]), bool(result["pred_label"].reshape(-1)[0])
@@ -343,8 +343,7 @@ def predict_paths(
             if report:
                 thumbnail = THUMBNAILS / name.with_suffix(".jpg")
                 size = write_thumbnail(drawn, staging / thumbnail)
-                entries.append(ReportEntry(image=str(path), name=name.with_suffix(path.suffix).as_posix(),
-                                           score=score, flagged=label, overlay=name,
+                entries.append(ReportEntry(image=str(path), name=shown, score=score, flagged=label, overlay=name,
                                            thumbnail=thumbnail, thumbnail_size=size))
         with (staging / "predictions.csv").open("w", newline="") as handle:
             writer = csv.DictWriter(handle, fieldnames=list(rows[0]))

@@ -218,8 +218,10 @@ def test_learned_positions_train_in_stage_1_freeze_in_stage_2_without_weight_dec
 
 
 def test_learned_positions_travel_through_the_checkpoint_onnx_and_openvino(tmp_path: Path) -> None:
-    """A learned embedding unlike any sin-cos one: restored from the state dict, and the ONNX file and its
-    OpenVINO conversion (what ``to_openvino`` converts) give the torch model's map and score."""
+    """A learned embedding unlike any sin-cos one: restored by ``Isstad.load_from_checkpoint`` from a file in the
+    layout Lightning writes (the option comes back from the hyper-parameters, the values from the state), and the
+    ONNX file and its OpenVINO conversion (what ``to_openvino`` converts) give the torch model's map and score."""
+    import lightning
     import numpy as np
     import onnxruntime
     import openvino as ov
@@ -231,9 +233,13 @@ def test_learned_positions_travel_through_the_checkpoint_onnx_and_openvino(tmp_p
     with torch.no_grad():
         shape = model.model.pos_embed.shape
         model.model.pos_embed.copy_(torch.randn(shape, generator=torch.Generator().manual_seed(3)))
-    restored = Isstad(**options, post_processor=False, visualizer=False, evaluator=False).eval()
-    restored.load_state_dict(model.state_dict())
-    assert torch.equal(restored.model.pos_embed, model.model.pos_embed)
+    saved = Isstad(**options)  # the default components, as a training run saves them
+    saved.model.load_state_dict(model.model.state_dict())
+    torch.save({"state_dict": saved.state_dict(), "hyper_parameters": dict(saved.hparams),
+                "pytorch-lightning_version": lightning.__version__}, tmp_path / "model.ckpt")
+    restored = Isstad.load_from_checkpoint(tmp_path / "model.ckpt", map_location="cpu").model
+    assert restored.position_embedding == "learned" and isinstance(restored.pos_embed, nn.Parameter)
+    assert torch.equal(restored.pos_embed, model.model.pos_embed)
     images = torch.rand(2, 3, 64, 64, generator=torch.Generator().manual_seed(4))
     with torch.no_grad():
         expected = model(images)
